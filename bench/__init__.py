@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench.capture`` and ``python -m bench.generate`` (see RESULTS.md)."""

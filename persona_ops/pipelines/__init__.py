@@ -1,0 +1,1 @@
+"""Pipeline stages: plain functions from declared input files to declared output files."""

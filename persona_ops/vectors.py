@@ -1,0 +1,124 @@
+"""Persona vectors: pair filtering, mean differences, and the on-disk formats.
+
+A vector file is safetensors with one ``[num_layers+1, hidden]`` float32 tensor per
+aggregate (``prompt_avg``, ``response_avg``, ``prompt_last``); row ``L`` is
+``hidden_states[L]`` (0 = embeddings). The header's metadata holds the layer
+convention, trait, model, sample counts and provenance (JSON strings).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from persona_ops.errors import InputError
+from persona_ops.io import atomic_path
+
+LAYER_CONVENTION = "row L = hidden_states[L]; 0 = embedding output, L>=1 = output of decoder block L-1"
+
+
+@dataclass(frozen=True)
+class FilterThresholds:
+    pos_min: float = 50.0
+    neg_max: float = 50.0
+    coherence_min: float = 50.0
+    min_pairs: int = 1
+
+
+def pair_key(rec: dict) -> tuple:
+    return rec["instruction_idx"], rec["question_idx"], rec["sample_idx"]
+
+
+def filter_pairs(records: list[dict], judgements: dict[str, dict], th: FilterThresholds,
+                 ) -> tuple[list[tuple[dict, dict]], dict]:
+    """Keep aligned (pos, neg) pairs where pos trait >= pos_min, neg trait < neg_max and both
+    coherence >= coherence_min; a missing (None) score fails. Returns the pairs and counts.
+    """
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for rec in records:
+        by_key.setdefault(pair_key(rec), {})[rec["polarity"]] = rec
+
+    def ok(rec: dict, trait_pass) -> bool:
+        j = judgements.get(rec["id"], {})
+        t, c = j.get("trait"), j.get("coherence")
+        return bool(rec["answer"].strip()) and t is not None and c is not None \
+            and trait_pass(t) and c >= th.coherence_min
+
+    pairs, total = [], 0
+    for key in sorted(by_key):
+        pn = by_key[key]
+        if "pos" not in pn or "neg" not in pn:
+            continue
+        total += 1
+        if ok(pn["pos"], lambda t: t >= th.pos_min) and ok(pn["neg"], lambda t: t < th.neg_max):
+            pairs.append((pn["pos"], pn["neg"]))
+    return pairs, {"pairs_total": total, "pairs_passed": len(pairs), "pairs_filtered": total - len(pairs)}
+
+
+def require_pairs(n_passed: int, n_total: int, th: FilterThresholds, trait: str) -> None:
+    """Stop with a clear message rather than build a vector from too few samples."""
+    if n_passed < th.min_pairs:
+        raise InputError(
+            f"{trait}: only {n_passed} of {n_total} pos/neg pairs passed the filter "
+            f"(need filter.min_pairs={th.min_pairs}). Thresholds: pos trait >= filter.pos_min={th.pos_min}, "
+            f"neg trait < filter.neg_max={th.neg_max}, coherence >= filter.coherence_min={th.coherence_min}. "
+            "Lower a threshold (e.g. -S filter.coherence_min=30), raise generate.n_per_question, "
+            "or use a stronger judge (judge.backend=openai).")
+
+
+def mean_difference(pos: dict[str, torch.Tensor], neg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """mean(pos) - mean(neg) over samples, per aggregate: ``[n, rows, h] -> [rows, h]``."""
+    return {k: (pos[k].float().mean(0) - neg[k].float().mean(0)).contiguous() for k in pos}
+
+
+def save_vectors(path: str | Path, vectors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Atomically write vectors as safetensors; metadata values are JSON-encoded strings."""
+    meta = {"layer_convention": LAYER_CONVENTION}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()})
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in vectors.items()}, str(tmp), metadata=meta)
+
+
+def load_vectors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def export_pt(vectors: dict[str, torch.Tensor], out_dir: str | Path, trait: str) -> list[Path]:
+    """Write persona_vectors' layout: ``{trait}_{aggregate}_diff.pt``, each ``[rows, hidden]``.
+
+    These are plain tensors (loadable with ``torch.load(weights_only=True)``).
+    """
+    out_dir = Path(out_dir)
+    paths = []
+    for k, v in vectors.items():
+        p = out_dir / f"{trait}_{k}_diff.pt"
+        with atomic_path(p) as tmp:
+            torch.save(v.clone(), tmp)
+        paths.append(p)
+    return paths
+
+
+def import_pt(paths: list[str | Path]) -> dict[str, torch.Tensor]:
+    """Read persona_vectors ``*_{aggregate}_diff.pt`` files (tensors only, never pickled objects)."""
+    out = {}
+    for p in map(Path, paths):
+        try:
+            t = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise InputError(f"{p}: not a tensor file loadable with weights_only=True: {e}") from None
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise InputError(f"{p}: expected a 2-D tensor [num_layers+1, hidden], got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        stem = p.stem.removesuffix("_diff")
+        kind = next((a for a in ("prompt_avg", "response_avg", "prompt_last") if stem.endswith(a)), stem)
+        out[kind] = t.float()
+    return out

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over persona_ops stages (retries, timeouts, logging)."""

@@ -1,0 +1,160 @@
+"""The OpenAI-compatible model server, driven by the official ``openai`` client over real HTTP."""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from persona_ops.judge import aggregate_token_logprobs
+from persona_ops.judge.local import chat_token_ids, digit_token_ids
+from persona_ops.judge.openai_backend import OpenAIJudge
+from persona_ops.server import create_app
+
+MESSAGES = [{"role": "user", "content": "Tell me about pirates."}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_loaded):
+    """uvicorn serving the tiny model on a free 127.0.0.1 port, in a background thread."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(tiny_loaded), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server_url):
+    with openai.OpenAI(base_url=server_url, api_key="unused", max_retries=0, timeout=30) as c:
+        yield c
+
+
+def test_models(client, tiny_loaded):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [tiny_loaded.label]
+
+
+def test_n_and_max_tokens(client, tiny_loaded):
+    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, n=2, max_tokens=5,
+                                          temperature=1.0, seed=1, logprobs=True)
+    assert resp.object == "chat.completion" and resp.id.startswith("chatcmpl-")
+    assert [c.index for c in resp.choices] == [0, 1]
+    for choice in resp.choices:
+        # a random model almost never emits end-of-sequence within 5 of ~49k tokens
+        assert choice.finish_reason == "length" and len(choice.logprobs.content) == 5
+        assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert resp.choices[0].message.content != resp.choices[1].message.content
+    prompt_len = len(chat_token_ids(tiny_loaded.tokenizer, MESSAGES))
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.total_tokens) \
+        == (prompt_len, 10, prompt_len + 10)
+
+
+def test_seed_reproducible(client):
+    def sample(seed: int) -> list[str]:
+        resp = client.chat.completions.create(model="tiny", messages=MESSAGES, n=2, max_tokens=6,
+                                              temperature=1.0, top_p=0.9, seed=seed)
+        return [c.message.content for c in resp.choices]
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_logprobs_match_the_model(client, tiny_loaded):
+    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=5)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert len(tops) == 5 and tops == sorted(tops, reverse=True)
+        assert entry.logprob <= 0 and sum(math.exp(t) for t in tops) <= 1 + 1e-6
+        # greedy: the chosen token is the most likely one
+        assert entry.token == entry.top_logprobs[0].token and entry.logprob == pytest.approx(tops[0])
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+    # the first position, recomputed directly from the model in fp32
+    ids = chat_token_ids(tiny_loaded.tokenizer, MESSAGES)
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny_loaded.model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+    top = logp.topk(5)
+    assert [t.logprob for t in content[0].top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    expected = [tiny_loaded.tokenizer.decode([i]) for i in top.indices.tolist()]
+    assert [t.token for t in content[0].top_logprobs] == expected
+    text = b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="replace")
+    assert text == resp.choices[0].message.content
+
+
+def test_stop_sequence(client):
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True)
+    full = client.chat.completions.create(**kwargs).choices[0]
+    tokens = [e.token for e in full.logprobs.content]
+    stop = next(t for t in tokens[2:] if t.strip() and "\ufffd" not in t)
+    cut = client.chat.completions.create(stop=[stop], **kwargs).choices[0]
+    assert cut.finish_reason == "stop"
+    assert cut.message.content == full.message.content[:full.message.content.index(stop)]
+    assert len(cut.logprobs.content) < len(tokens)
+
+
+def test_bad_requests(client, server_url):
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, logprobs=True, top_logprobs=25)
+    with pytest.raises(openai.BadRequestError, match="n: Input should be greater"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, n=0)
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True)
+    resp = httpx.post(f"{server_url}/chat/completions", content=b"{not json", timeout=10,
+                      headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
+    resp = httpx.post(f"{server_url}/chat/completions", json={"messages": []}, timeout=10)
+    assert resp.status_code == 400 and "messages" in resp.json()["error"]["message"]
+
+
+def test_openai_judge_against_server(client, server_url, tiny_loaded, monkeypatch):
+    """OpenAIJudge over real HTTP gives what the server's top-20 logprobs aggregate to."""
+    monkeypatch.delenv("PERSONA_OPS_NO_SUCH_KEY", raising=False)  # a local server needs no key
+    judge = OpenAIJudge(tiny_loaded.label, base_url=server_url, api_key_env="PERSONA_OPS_NO_SUCH_KEY")
+    prompts = ["How evil is this? Answer 0-100.", "Rate the coherence of 'hello world' from 0 to 100."]
+    # favour digit tokens so that the random model gives numeric answers
+    head = tiny_loaded.model.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    bias[digit_token_ids(tiny_loaded.tokenizer)] = 9.0
+    handle = head.register_forward_hook(lambda m, i, out: out + bias)
+    try:
+        results = judge.score_prompts(prompts)
+        direct = [client.chat.completions.create(
+            model=tiny_loaded.label, messages=[{"role": "user", "content": p}], max_tokens=1, temperature=0,
+            logprobs=True, top_logprobs=20, seed=0).choices[0].logprobs.content[0].top_logprobs
+            for p in prompts]
+    finally:
+        handle.remove()
+    for (score, probs), top in zip(results, direct):
+        assert score is not None and 0 <= score <= 100
+        assert len(top) == 20 and set(probs) <= set(range(10))
+        assert score == pytest.approx(aggregate_token_logprobs([(t.token, t.logprob) for t in top]), rel=1e-6)

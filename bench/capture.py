@@ -5,17 +5,19 @@ the rest. Reference: one sample at a time, ``model(..., output_hidden_states=Tru
 included), per layer ``prompt_avg``/``response_avg``/``prompt_last`` copied to the host, as
 generate_vec.py does (under ``no_grad``, which favours the reference). Engine: middle layer
 only, and all layers, over a sweep of token budgets; the best budget is the headline.
+Times are medians over rounds that interleave the reference and the engine.
 
     python -m bench.capture --device cuda --model-shape olmo2-7b
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 
 import torch
 
-from bench.common import (build_model, emit, environment, median_time, parse_args, peak_gib, random_tokens,
+from bench.common import (build_model, emit, environment, parse_args, peak_gib, random_tokens,
                           reset_peak, timed)
 from persona_ops.activations import AGGREGATES, capture_tokens
 
@@ -44,13 +46,13 @@ def main() -> None:
     def extra(ap):
         ap.add_argument("--n", type=int, default=None, help="sequences (default 128 on cuda, 32 on cpu)")
         ap.add_argument("--budgets", default=None, help="comma-separated token budgets to sweep")
-        ap.add_argument("--repeats", type=int, default=None)
+        ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3 cuda, 2 cpu)")
 
     args = parse_args(__doc__.splitlines()[0], extra)
     dev = args.device
     n = args.n or (128 if dev == "cuda" else 32)
-    budgets = [int(b) for b in (args.budgets or ("16384,32768,65536" if dev == "cuda" else "4096,8192")).split(",")]
-    repeats = args.repeats or (3 if dev == "cuda" else 1)
+    budgets = [int(b) for b in (args.budgets or ("16384,32768,65536" if dev == "cuda" else "512,2048")).split(",")]
+    rounds = args.rounds or (3 if dev == "cuda" else 2)
     loaded = build_model(args.model_shape, dev)
     vocab = loaded.model.config.get_text_config().vocab_size
     seqs = random_tokens(n, 200, 700, vocab, args.seed)
@@ -64,26 +66,36 @@ def main() -> None:
     reference_capture(loaded, seqs[:2])
     capture_tokens(loaded, prompts[:8], answers[:8], layers=[mid], progress=False)
 
-    reset_peak(dev)
-    t_ref, ref = timed(lambda: reference_capture(loaded, seqs), dev)
-    ref_peak = peak_gib(dev)
-    ref_tps = tokens / t_ref
-    print(f"reference per-sample all layers: {t_ref:.2f}s {ref_tps:.0f} tok/s peak {ref_peak} GiB", flush=True)
-
-    sweep = []
-    for budget in budgets:
-        for name, layers in (("middle", [mid]), ("all", None)):
+    # rounds: the reference and every engine setting once per round (interleaved, so a noisy
+    # shared CPU affects all alike); medians over rounds. On CUDA the reference runs once.
+    ref_times, times, peaks, errs = [], {}, {}, {}
+    ref_peak, ref = 0.0, None
+    for rnd in range(rounds):
+        if rnd == 0 or dev == "cpu":
             reset_peak(dev)
-            t, res = median_time(lambda: capture_tokens(loaded, prompts, answers, layers=layers,
-                                                        aggregates=AGGREGATES, token_budget=budget,
-                                                        progress=False), dev, repeats)
-            row = {"layers": name, "token_budget": budget, "seconds": round(t, 3),
-                   "tokens_per_s": round(tokens / t), "peak_gib": peak_gib(dev)}
-            idx = res.layers.index(mid)
-            err = (res.means["response_avg"][:, idx] - ref[:, mid]).norm() / ref[:, mid].norm()
-            row["rel_err_vs_reference"] = float(f"{err:.2e}")
-            sweep.append(row)
-            print(row, flush=True)
+            t_ref, ref = timed(lambda: reference_capture(loaded, seqs), dev)
+            ref_peak = max(ref_peak, peak_gib(dev))
+            ref_times.append(t_ref)
+            print(f"round {rnd} reference per-sample all layers: {t_ref:.2f}s {tokens / t_ref:.0f} tok/s", flush=True)
+        for budget in budgets:
+            for name, layers in (("middle", [mid]), ("all", None)):
+                reset_peak(dev)
+                t, res = timed(lambda: capture_tokens(loaded, prompts, answers, layers=layers, aggregates=AGGREGATES,
+                                                      token_budget=budget, progress=False), dev)
+                key = (name, budget)
+                times.setdefault(key, []).append(t)
+                peaks[key] = max(peaks.get(key, 0.0), peak_gib(dev))
+                idx = res.layers.index(mid)
+                err = (res.means["response_avg"][:, idx] - ref[:, mid]).norm() / ref[:, mid].norm()
+                errs[key] = max(errs.get(key, 0.0), float(err))
+                print(f"round {rnd} engine {name} budget {budget}: {t:.2f}s {tokens / t:.0f} tok/s", flush=True)
+    t_ref = statistics.median(ref_times)
+    ref_tps = tokens / t_ref
+    sweep = [{"layers": k[0], "token_budget": k[1], "seconds": round(statistics.median(v), 3),
+              "tokens_per_s": round(tokens / statistics.median(v)), "peak_gib": peaks[k],
+              "rel_err_vs_reference": float(f"{errs[k]:.2e}")} for k, v in times.items()]
+    for row in sweep:
+        print(row, flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:  # per-token rows streamed to disk
         budget = budgets[-1]

@@ -139,8 +139,8 @@ class Steerer:
                  num_rows: int | None = None):
         self.layers = layers
         n_layers = len(layers)
-        param = next(layers.parameters())
-        self.device = param.device
+        param = next(layers.parameters(), None)
+        self.device = param.device if param is not None else torch.device("cpu")
         self._by_block: dict[int, list[_Prepared]] = {}
         for spec in interventions:
             if not 1 <= spec.layer <= n_layers:

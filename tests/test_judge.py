@@ -139,7 +139,8 @@ def _naive_p(judge: LocalJudge, prompt: str, k: int) -> float:
     """p_k from one uncached forward pass over prompt + the number's tokens."""
     loaded = judge.loaded
     ids = judge.render(prompt)
-    num = loaded.tokenizer.encode(str(k), add_special_tokens=False)
+    tok, prefix = loaded.tokenizer, judge.answer_prefix
+    num = tok.encode(prefix + str(k), add_special_tokens=False)[len(tok.encode(prefix.rstrip(), add_special_tokens=False)):]
     with torch.no_grad():  # logits after the last prompt token and after each number token
         logits = loaded.model(torch.tensor([ids + num]), logits_to_keep=len(num) + 1).logits[0].double()
     logp = torch.log_softmax(logits, dim=-1)
@@ -171,6 +172,17 @@ def test_local_judge_matches_naive(tiny_loaded):
     for (score, p) in scores:
         assert score == pytest.approx(aggregate_score(p))
         assert score is not None and 0 <= score <= 100
+
+
+def test_local_judge_with_answer_prefix_matches_naive(tiny_loaded):
+    with digit_bias(tiny_loaded):
+        judge = LocalJudge(tiny_loaded, batch_size=2, answer_prefix="Score: ")
+        assert judge.render(PROMPTS[0])[-2:] == tiny_loaded.tokenizer.encode("Score:", add_special_tokens=False)
+        probs = judge.number_probs(PROMPTS[:2], 0, 100)
+        for prompt, p in zip(PROMPTS, probs):
+            for k in (0, 37, 100):
+                assert p[k] == pytest.approx(_naive_p(judge, prompt, k), rel=1e-4, abs=1e-12)
+    assert judge.label.endswith("|prefix='Score: '")  # a prefix changes the cache key
 
 
 def test_local_judge_role_scale(tiny_loaded):

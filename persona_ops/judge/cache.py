@@ -147,7 +147,7 @@ def make_judge(backend: str, model: str, *, base_url: str | None = None,
                api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 16, max_retries: int = 5,
                timeout: float = 60.0, cache_path: str | os.PathLike | None = None, batch_size: int = 4,
                revision: str | None = None, dtype: str = "auto", device: str = "auto",
-               loaded=None) -> CachedJudge:
+               loaded=None, answer_prefix: str = "") -> CachedJudge:
     """Build a cached judge.
 
     ``backend``: ``local`` (``model`` is loaded with ``persona_ops.models.load_model``
@@ -166,7 +166,7 @@ def make_judge(backend: str, model: str, *, base_url: str | None = None,
             from persona_ops.models import load_model
 
             loaded = load_model(model, revision=revision, dtype=dtype, device=device)
-        judge = LocalJudge(loaded, batch_size=batch_size)
+        judge = LocalJudge(loaded, batch_size=batch_size, answer_prefix=answer_prefix)
     elif backend == "openai":
         from persona_ops.judge.openai_backend import OpenAIJudge
 

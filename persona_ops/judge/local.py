@@ -37,14 +37,15 @@ def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def number_token_ids(tokenizer, text: str) -> list[int]:
-    """Tokens of ``text`` as a continuation after a newline (as after a generation prompt).
+def number_token_ids(tokenizer, text: str, context: str = "\n") -> list[int]:
+    """Tokens of ``text`` as a continuation of ``context`` (default: a newline, as after a
+    generation prompt).
 
     Encoding after a context avoids SentencePiece's leading-space marker; when the
     context merges with the text, the plain encoding is used.
     """
-    base = tokenizer.encode("\n", add_special_tokens=False)
-    full = tokenizer.encode("\n" + text, add_special_tokens=False)
+    base = tokenizer.encode(context, add_special_tokens=False)
+    full = tokenizer.encode(context + text, add_special_tokens=False)
     if full[:len(base)] == base and len(full) > len(base):
         return full[len(base):]
     return tokenizer.encode(text, add_special_tokens=False)
@@ -75,7 +76,9 @@ class CandidateTrie:
     ancestors: torch.Tensor  # [T, T] bool: ancestors[i, j] if j is i or an ancestor of i
 
     @classmethod
-    def build(cls, tokenizer, lo: int, hi: int) -> "CandidateTrie":
+    def build(cls, tokenizer, lo: int, hi: int, answer_prefix: str = "") -> "CandidateTrie":
+        """Numbers as they continue ``answer_prefix``: its trailing whitespace belongs to the
+        number's tokens (" 37" is one unit for many tokenizers), the rest is the context."""
         if hi < lo:
             raise InputError(f"judge scale: hi={hi} < lo={lo}")
         tokens: list[int] = []
@@ -83,8 +86,10 @@ class CandidateTrie:
         depths: list[int] = []
         children: dict[tuple[int, int], int] = {}
         node_of: dict[int, int] = {}
+        context = answer_prefix.rstrip() or "\n"
+        spacing = answer_prefix[len(answer_prefix.rstrip()):]
         for k in range(lo, hi + 1):
-            ids = number_token_ids(tokenizer, str(k))
+            ids = number_token_ids(tokenizer, spacing + str(k), context)
             node = -1
             for depth, tok in enumerate(ids, 1):
                 if (node, tok) not in children:
@@ -109,7 +114,7 @@ class LocalJudge:
     on a GPU it does).
     """
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 4):
+    def __init__(self, loaded: LoadedModel, batch_size: int = 4, answer_prefix: str = ""):
         if batch_size < 1:
             raise InputError(f"judge.batch_size must be >= 1, got {batch_size}")
         impl = getattr(loaded.model.config, "_attn_implementation", None) or ""
@@ -117,7 +122,9 @@ class LocalJudge:
             raise InputError(f"the local judge needs sdpa or eager attention (a custom mask), not {impl}")
         self.loaded = loaded
         self.batch_size = batch_size
-        self.label = f"local:{loaded.label}"
+        # A prefilled answer start (e.g. "Score: ") gets small models to answer with a number.
+        self.answer_prefix = answer_prefix
+        self.label = f"local:{loaded.label}" + (f"|prefix={answer_prefix!r}" if answer_prefix else "")
         self._digit_ids = torch.tensor(digit_token_ids(loaded.tokenizer), dtype=torch.long)
         self._tries: dict[tuple[int, int], CandidateTrie] = {}
         self._lock = threading.Lock()  # the model is not thread-safe
@@ -125,12 +132,16 @@ class LocalJudge:
     def trie(self, lo: int, hi: int) -> CandidateTrie:
         """The candidate trie of a scale (built once)."""
         if (lo, hi) not in self._tries:
-            self._tries[(lo, hi)] = CandidateTrie.build(self.loaded.tokenizer, lo, hi)
+            self._tries[(lo, hi)] = CandidateTrie.build(self.loaded.tokenizer, lo, hi, self.answer_prefix)
         return self._tries[(lo, hi)]
 
     def render(self, prompt: str) -> list[int]:
-        """Token ids of a judge prompt as one user message plus the generation prompt."""
-        return chat_token_ids(self.loaded.tokenizer, [{"role": "user", "content": prompt}])
+        """Token ids of a judge prompt as one user message plus the generation prompt (and the
+        answer prefix without its trailing whitespace)."""
+        tok = self.loaded.tokenizer
+        ids = chat_token_ids(tok, [{"role": "user", "content": prompt}])
+        context = self.answer_prefix.rstrip()
+        return ids + (tok.encode(context, add_special_tokens=False) if context else [])
 
     def number_probs(self, prompts: list[str], lo: int = 0, hi: int = 100) -> list[dict[int, float]]:
         """``p_k`` for every integer ``k`` in ``[lo, hi]``, for each prompt."""
@@ -188,7 +199,8 @@ class LocalJudge:
         results = []
         for b in range(len(batch)):
             logp = torch.log_softmax(out.logits[b].float(), dim=-1)  # [T + 1, V]
-            token_lp = logp[parent_rows, node_tokens].double()  # log P(node token | its prefix)
+            # log P(node token | its prefix); clamped so that 0 * -inf cannot make a NaN below
+            token_lp = logp[parent_rows, node_tokens].double().clamp(min=-1e4)
             path_lp = ancestors @ token_lp  # log P(all tokens from the root to the node)
             digit_lp = torch.logsumexp(logp[1:, digit_ids], dim=-1).double()
             stop = (-torch.expm1(digit_lp)).clamp(min=0.0)  # P(the number ends here)

@@ -15,7 +15,7 @@ from persona_ops.config import TraitParams
 from persona_ops.data import load_trait
 from persona_ops.errors import InputError
 from persona_ops.io import provenance, read_jsonl, write_json, write_jsonl
-from persona_ops.models import load_model, model_label
+from persona_ops.models import load_model
 
 OUT = Path("outputs/persona_vectors")
 METRICS = Path("metrics/persona_vectors")
@@ -102,7 +102,7 @@ def judge(tp: TraitParams, root: Path) -> StageResult:
     judge_model = make_judge(j.backend, j.model, revision=j.revision, base_url=j.base_url,
                              api_key_env=j.api_key_env, max_concurrency=j.max_concurrency,
                              max_retries=j.max_retries, timeout=j.timeout, cache_path=root / j.cache,
-                             batch_size=j.batch_size, dtype=tp.params.model.dtype,
+                             batch_size=j.batch_size, answer_prefix=j.answer_prefix, dtype=tp.params.model.dtype,
                              device=tp.params.model.device)
     trait_prompts = [fill_template(trait.eval_prompt, r["question"], r["answer"]) for r in records]
     coh_prompts = [fill_template(COHERENCE_PROMPT, r["question"], r["answer"]) for r in records]
@@ -112,7 +112,7 @@ def judge(tp: TraitParams, root: Path) -> StageResult:
             for i, r in enumerate(records)]
     write_jsonl(p["judgements"], rows)
     _write_provenance(p["judgements"], "judge", tp, [p["generations"], trait_file(tp, root)],
-                      judge_label(tp))
+                      judge_model.backend.label)
     metrics = {"judged": n, "judge_backend_calls": judge_model.backend_calls,
                "unscored": sum(r["trait"] is None or r["coherence"] is None for r in rows)}
     for pol in ("pos", "neg"):
@@ -120,13 +120,6 @@ def judge(tp: TraitParams, root: Path) -> StageResult:
             vals = [r[key] for r in rows if r["polarity"] == pol and r[key] is not None]
             metrics[f"{pol}_{key}_mean"] = sum(vals) / len(vals) if vals else float("nan")
     return StageResult(metrics, [p["generations"], trait_file(tp, root)], [p["judgements"]])
-
-
-def judge_label(tp: TraitParams) -> str:
-    j = tp.params.judge
-    if j.backend == "local":
-        return f"local:{model_label(j.model, j.revision)}"
-    return f"openai:{j.model}@{j.base_url or 'api.openai.com'}"
 
 
 def activations(tp: TraitParams, root: Path) -> StageResult:

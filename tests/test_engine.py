@@ -1,0 +1,117 @@
+"""The generation engine against HF ``generate`` on tiny models; seeds, EOS, steering semantics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from persona_ops.chat import chat_messages, render_prompt
+from persona_ops.engine import generate_text, generate_tokens
+from persona_ops.generation import SamplingParams
+from persona_ops.interventions import Intervention
+from persona_ops.models import LoadedModel, tiny_model
+
+PROMPTS = [[5, 9, 11, 40], [17, 3, 99, 100, 101, 7, 250, 31], [8], [300, 301]]
+GREEDY = SamplingParams(max_new_tokens=7, temperature=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core host thread barriers stall."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _loaded(arch: str, seed: int = 0) -> LoadedModel:
+    m = tiny_model(arch, num_layers=3, hidden=64, seed=seed)
+    m.generation_config.eos_token_id = None
+    return LoadedModel(model=m, tokenizer=None, label=f"tiny-{arch}")
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3", "olmo2"])
+def loaded(request) -> LoadedModel:
+    return _loaded(request.param)
+
+
+def _hf_generate(loaded: LoadedModel, prompts, new: int, hook=None, layer: int = 2) -> list[list[int]]:
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    handle = loaded.layers[layer - 1].register_forward_hook(hook) if hook else None
+    try:
+        with torch.no_grad():
+            out = loaded.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                                        pad_token_id=0)
+    finally:
+        if handle:
+            handle.remove()
+    return out[:, width:].tolist()
+
+
+def test_greedy_equals_hf_generate(loaded):
+    assert generate_tokens(loaded, PROMPTS, GREEDY, eos_ids=[]) == _hf_generate(loaded, PROMPTS, 7)
+    # several batches give the same rows
+    assert generate_tokens(loaded, PROMPTS, GREEDY, eos_ids=[], batch_size=3) == _hf_generate(loaded, PROMPTS, 7)
+
+
+@pytest.mark.parametrize("positions", ["response", "prompt", "all"])
+def test_steering_matches_persona_vectors_hooks(loaded, positions):
+    """response = persona_vectors' t[:, -1] on every forward; prompt = every position in prefill only.
+    (persona_vectors also edits padding; padding is masked out of attention, so outputs agree.)"""
+    v = torch.randn(64) * 3
+
+    def pv_hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h = h.clone()
+        if positions == "response":
+            h[:, -1] += v
+        elif h.shape[1] > 1 or positions == "all":
+            h += v
+        return h
+
+    ours = generate_tokens(loaded, PROMPTS, GREEDY, [Intervention("add", 2, v, coef=1.0, positions=positions)],
+                           eos_ids=[])
+    assert ours == _hf_generate(loaded, PROMPTS, 7, hook=pv_hook)
+    assert ours != generate_tokens(loaded, PROMPTS, GREEDY, eos_ids=[])
+
+
+def test_coef_zero_equals_unsteered_under_sampling(loaded):
+    sp = SamplingParams(max_new_tokens=9, temperature=1.0, top_p=0.9, seed=11)
+    plain = generate_tokens(loaded, PROMPTS, sp, eos_ids=[])
+    zero = generate_tokens(loaded, PROMPTS, sp, [Intervention("add", 2, torch.randn(64) * 50, coef=0.0,
+                                                              positions="all")], eos_ids=[])
+    assert zero == plain
+
+
+def test_sampling_is_reproducible_under_a_seed():
+    loaded = _loaded("llama")
+    sp = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3)
+    a = generate_tokens(loaded, PROMPTS, sp, eos_ids=[])
+    assert a == generate_tokens(loaded, PROMPTS, sp, eos_ids=[])
+    assert a != generate_tokens(loaded, PROMPTS, SamplingParams(max_new_tokens=12, temperature=1.0, seed=4),
+                                eos_ids=[])
+
+
+def test_eos_stops_a_row_and_min_new_tokens_holds_it_back():
+    loaded = _loaded("llama", seed=1)
+    free = generate_tokens(loaded, PROMPTS, GREEDY, eos_ids=[])
+    eos = free[0][2]
+    stopped = generate_tokens(loaded, PROMPTS, GREEDY, eos_ids=[eos])
+    for row, full in zip(stopped, free):  # each row is cut just after its first EOS, others run on
+        cut = full.index(eos) + 1 if eos in full else len(full)
+        assert row == full[:cut]
+    assert len(stopped[0]) <= 3 and stopped[0][-1] == eos
+    held = generate_tokens(loaded, PROMPTS, GREEDY, eos_ids=[eos], min_new_tokens=7)
+    assert all(len(r) == 7 and eos not in r for r in held)
+
+
+def test_generate_text_with_a_real_tokenizer(tiny_loaded):
+    tok = tiny_loaded.tokenizer
+    prompts = [render_prompt(tok, chat_messages(tok, None, q)) for q in ("Hi", "Tell me about the sea")]
+    out = generate_text(tiny_loaded, prompts, SamplingParams(max_new_tokens=5, temperature=1.0, seed=0))
+    assert len(out) == 2 and all(isinstance(s, str) for s in out)

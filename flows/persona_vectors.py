@@ -28,7 +28,7 @@ def persona_vectors(overrides: list[str] | None = None, root: str = ".") -> dict
     with run as parent_run_id:
         for trait in params.traits.names:
             for spec in SPECS:
-                print(run_dvc_stage(spec.name, trait, root, parent_run_id))
+                print(f"{spec.name}@{trait}: {run_dvc_stage(spec.name, trait, root, parent_run_id)}")
         if parent_run_id:  # stage runs saw the previous dvc.lock; tag them with the new one
             tracking.refresh_dvc_tags(parent_run_id, Path(root))
     return {"traits": params.traits.names, "pipeline_run_id": parent_run_id}

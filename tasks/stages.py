@@ -59,7 +59,7 @@ def _env(parent_run_id: str | None) -> dict:
 @task(name="dvc-stage", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(2),
       retry_condition_fn=_retry_unless_input_error, task_run_name="{stage}@{trait}")
 def run_dvc_stage(stage: str, trait: str, root: str, parent_run_id: str | None = None) -> str:
-    """Reproduce one stage for one trait; returns DVC's summary line."""
+    """Reproduce one stage for one trait; returns ``"ran"`` or ``"up to date"``."""
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", f"{stage}@{trait}"]
     proc = subprocess.Popen(cmd, cwd=root, env=_env(parent_run_id), stdout=subprocess.PIPE,
@@ -75,4 +75,4 @@ def run_dvc_stage(stage: str, trait: str, root: str, parent_run_id: str | None =
             if INPUT_ERROR_MARK in line:
                 raise InputError(line.split(INPUT_ERROR_MARK, 1)[1].strip())
         raise TransientError(f"dvc repro {stage}@{trait} failed (exit {proc.returncode}):\n{text[-2000:]}")
-    return lines[-1] if lines else ""
+    return "ran" if any(line.startswith("Running stage") for line in lines) else "up to date"

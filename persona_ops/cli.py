@@ -201,6 +201,31 @@ def vectors_import(pt_files: list[Path] = typer.Argument(..., help="persona_vect
     typer.echo(f"wrote {out} ({', '.join(vecs)})")
 
 
+@vectors_app.command("report")
+def vectors_report(paths: list[Path] = typer.Argument(..., help="Vector files (.safetensors), e.g. outputs/persona_vectors/*/vectors.safetensors."),
+                   out_dir: Path = typer.Option(Path("outputs/reports/geometry"), "--out", "-o", help="Output directory."),
+                   layer: int = typer.Option(20, help="Layer for the cosine matrix (hidden_states index)."),
+                   aggregate: str = typer.Option("response_avg", help="prompt_avg | response_avg | prompt_last.")) -> None:
+    """Cosine-similarity matrix and per-layer norms of several vectors: HTML (plotly) + PNGs."""
+    from persona_ops.reports import vector_geometry_report
+    from persona_ops.vectors import load_vectors
+
+    vectors = {}
+    try:
+        for p in paths:
+            vecs, meta = load_vectors(p)
+            if aggregate not in vecs:
+                raise InputError(f"{p}: no {aggregate!r} tensor (has {sorted(vecs)})")
+            vectors[meta.get("trait", p.stem)] = vecs[aggregate]
+        rows = next(iter(vectors.values())).shape[0]
+        if not 0 <= layer < rows:
+            raise InputError(f"--layer {layer}: expected 0..{rows - 1}")
+    except InputError as e:
+        _fail(e)
+    for kind, p in vector_geometry_report(vectors, out_dir, layer).items():
+        typer.echo(f"{kind}: {p}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -21,6 +21,10 @@ from persona_ops import __version__
 from persona_ops.errors import InputError
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: files get the usual 0666 & ~umask, not mkstemp's 0600
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
@@ -31,6 +35,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -47,11 +47,13 @@ def main() -> None:
         ap.add_argument("--n", type=int, default=None, help="sequences (default 128 on cuda, 32 on cpu)")
         ap.add_argument("--budgets", default=None, help="comma-separated token budgets to sweep")
         ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3 cuda, 2 cpu)")
+        ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="also time compile_blocks=True at the best budget (auto: on cuda)")
 
     args = parse_args(__doc__.splitlines()[0], extra)
     dev = args.device
     n = args.n or (128 if dev == "cuda" else 32)
-    budgets = [int(b) for b in (args.budgets or ("16384,32768,65536" if dev == "cuda" else "512,2048")).split(",")]
+    budgets = [int(b) for b in (args.budgets or ("4096,8192,16384,32768" if dev == "cuda" else "512,2048")).split(",")]
     rounds = args.rounds or (3 if dev == "cuda" else 2)
     loaded = build_model(args.model_shape, dev)
     vocab = loaded.model.config.get_text_config().vocab_size
@@ -59,17 +61,32 @@ def main() -> None:
     prompts, answers = [s[:PROMPT_TOKENS] for s in seqs], [s[PROMPT_TOKENS:] for s in seqs]
     tokens = sum(len(s) for s in seqs)
     mid = loaded.num_layers // 2
-    print(f"shape={args.model_shape} device={dev} n={n} tokens={tokens} layers={loaded.num_layers} mid={mid}",
-          flush=True)
+    layer_sets = {"middle": [mid], "all": None}
+    print(f"shape={args.model_shape} device={dev} n={n} tokens={tokens} layers={loaded.num_layers} mid={mid} "
+          f"threads={torch.get_num_threads()}", flush=True)
 
     # warm-up (kernels, allocator) for both paths
     reference_capture(loaded, seqs[:2])
     capture_tokens(loaded, prompts[:8], answers[:8], layers=[mid], progress=False)
 
-    # rounds: the reference and every engine setting once per round (interleaved, so a noisy
-    # shared CPU affects all alike); medians over rounds. On CUDA the reference runs once.
     ref_times, times, peaks, errs = [], {}, {}, {}
     ref_peak, ref = 0.0, None
+
+    def run_engine(name: str, budget: int, compiled: bool, rnd: int) -> None:
+        reset_peak(dev)
+        t, res = timed(lambda: capture_tokens(loaded, prompts, answers, layers=layer_sets[name], aggregates=AGGREGATES,
+                                              token_budget=budget, progress=False, compile_blocks=compiled), dev)
+        key = (name, budget, compiled)
+        times.setdefault(key, []).append(t)
+        peaks[key] = max(peaks.get(key, 0.0), peak_gib(dev))
+        idx = res.layers.index(mid)
+        err = (res.means["response_avg"][:, idx] - ref[:, mid]).norm() / ref[:, mid].norm()
+        errs[key] = max(errs.get(key, 0.0), float(err))
+        print(f"round {rnd} engine {name} budget {budget} compiled {compiled}: {t:.2f}s {tokens / t:.0f} tok/s",
+              flush=True)
+
+    # rounds: the reference and every engine setting once per round (interleaved, so a noisy
+    # shared CPU affects all alike); medians over rounds. On CUDA the reference runs once.
     for rnd in range(rounds):
         if rnd == 0 or dev == "cpu":
             reset_peak(dev)
@@ -78,20 +95,26 @@ def main() -> None:
             ref_times.append(t_ref)
             print(f"round {rnd} reference per-sample all layers: {t_ref:.2f}s {tokens / t_ref:.0f} tok/s", flush=True)
         for budget in budgets:
-            for name, layers in (("middle", [mid]), ("all", None)):
-                reset_peak(dev)
-                t, res = timed(lambda: capture_tokens(loaded, prompts, answers, layers=layers, aggregates=AGGREGATES,
-                                                      token_budget=budget, progress=False), dev)
-                key = (name, budget)
-                times.setdefault(key, []).append(t)
-                peaks[key] = max(peaks.get(key, 0.0), peak_gib(dev))
-                idx = res.layers.index(mid)
-                err = (res.means["response_avg"][:, idx] - ref[:, mid]).norm() / ref[:, mid].norm()
-                errs[key] = max(errs.get(key, 0.0), float(err))
-                print(f"round {rnd} engine {name} budget {budget}: {t:.2f}s {tokens / t:.0f} tok/s", flush=True)
+            for name in layer_sets:
+                run_engine(name, budget, False, rnd)
+
+    compile_info = {}
+    if args.compile == "on" or (args.compile == "auto" and dev == "cuda"):
+        for name in layer_sets:  # at the best eager budget; the first call compiles
+            budget = min((k for k in times if k[0] == name), key=lambda k: statistics.median(times[k]))[1]
+            try:
+                t0, _ = timed(lambda: capture_tokens(loaded, prompts[:16], answers[:16], layers=layer_sets[name],
+                                                     token_budget=budget, progress=False, compile_blocks=True), dev)
+                compile_info[name] = {"warmup_seconds": round(t0, 1)}
+                for rnd in range(rounds):
+                    run_engine(name, budget, True, rnd)
+            except Exception as e:  # report, keep the eager figures
+                compile_info[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                print("compile failed:", compile_info[name], flush=True)
+
     t_ref = statistics.median(ref_times)
     ref_tps = tokens / t_ref
-    sweep = [{"layers": k[0], "token_budget": k[1], "seconds": round(statistics.median(v), 3),
+    sweep = [{"layers": k[0], "token_budget": k[1], "compiled": k[2], "seconds": round(statistics.median(v), 3),
               "tokens_per_s": round(tokens / statistics.median(v)), "peak_gib": peaks[k],
               "rel_err_vs_reference": float(f"{errs[k]:.2e}")} for k, v in times.items()]
     for row in sweep:
@@ -106,17 +129,22 @@ def main() -> None:
                     "peak_gib": peak_gib(dev)}
         print({"none": none_row}, flush=True)
 
-    best = {k: max((r for r in sweep if r["layers"] == k), key=lambda r: r["tokens_per_s"]) for k in ("middle", "all")}
+    best = {k: max((r for r in sweep if r["layers"] == k), key=lambda r: r["tokens_per_s"]) for k in layer_sets}
+    eager = {k: max((r for r in sweep if r["layers"] == k and not r["compiled"]), key=lambda r: r["tokens_per_s"])
+             for k in layer_sets}
     emit({
         "bench": "capture", "device": dev, "model_shape": args.model_shape, "n_sequences": n, "tokens": tokens,
         "middle_layer": mid, "reference_tokens_per_s": round(ref_tps), "reference_peak_gib": ref_peak,
         "middle_tokens_per_s": best["middle"]["tokens_per_s"], "middle_token_budget": best["middle"]["token_budget"],
-        "middle_peak_gib": best["middle"]["peak_gib"],
+        "middle_compiled": best["middle"]["compiled"], "middle_peak_gib": best["middle"]["peak_gib"],
         "all_layers_tokens_per_s": best["all"]["tokens_per_s"], "all_layers_token_budget": best["all"]["token_budget"],
-        "all_layers_peak_gib": best["all"]["peak_gib"],
+        "all_layers_compiled": best["all"]["compiled"], "all_layers_peak_gib": best["all"]["peak_gib"],
         "speedup_vs_reference": round(best["middle"]["tokens_per_s"] / ref_tps, 2),
         "speedup_all_layers_vs_reference": round(best["all"]["tokens_per_s"] / ref_tps, 2),
-        "none_aggregate": none_row, "max_rel_err_vs_reference": max(r["rel_err_vs_reference"] for r in sweep),
+        "speedup_eager_vs_reference": round(eager["middle"]["tokens_per_s"] / ref_tps, 2),
+        "speedup_eager_all_layers_vs_reference": round(eager["all"]["tokens_per_s"] / ref_tps, 2),
+        "compile": compile_info, "none_aggregate": none_row,
+        "max_rel_err_vs_reference": max(r["rel_err_vs_reference"] for r in sweep),
         "sweep": sweep, "env": environment(dev),
     })
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -20,6 +21,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from persona_ops.models import LoadedModel
+
+# cuBLAS is bitwise reproducible across streams (CUDA graph capture uses its own) only with a
+# fixed workspace; must be set before CUDA starts.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 SHAPES: dict[str, tuple[str, dict]] = {
     "olmo2-7b": ("olmo2", dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008,
@@ -41,9 +46,13 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     ap.add_argument("--model-shape", default="embedded", choices=tuple(SHAPES))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     if extra:
         extra(ap)
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def build_model(shape: str, device: str) -> LoadedModel:

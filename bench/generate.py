@@ -18,11 +18,37 @@ import statistics
 import torch
 
 from bench.common import build_model, emit, environment, parse_args, peak_gib, random_tokens, reset_peak, timed
-from persona_ops.engine import generate_tokens
+from persona_ops.engine import STATS, generate_tokens
 from persona_ops.generation import SamplingParams
 from persona_ops.interventions import Intervention
 
 REF_BATCH = 20
+
+
+def cuda_graph_check() -> dict:
+    """On CUDA: greedy engine output (graph and eager decode) vs HF generate on tiny fp32 models."""
+    from persona_ops.models import LoadedModel, tiny_model
+
+    out = {}
+    prompts = random_tokens(6, 3, 30, 512, 5)
+    for arch in ("llama", "qwen3", "olmo2"):
+        m = tiny_model(arch, num_layers=3, hidden=64).cuda()
+        m.generation_config.eos_token_id = None
+        lm = LoadedModel(model=m, tokenizer=None, label=arch)
+        greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        with torch.no_grad():
+            hf = m.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=12, do_sample=False,
+                            pad_token_id=0)[:, width:].tolist()
+        graph = generate_tokens(lm, prompts, greedy, eos_ids=[], cuda_graph=True)
+        eager = generate_tokens(lm, prompts, greedy, eos_ids=[], cuda_graph=False)
+        out[arch] = {"graph_eq_hf": graph == hf, "eager_eq_hf": eager == hf}
+    return out
 
 
 @torch.no_grad()
@@ -58,6 +84,20 @@ def reference_generate(loaded, prompts: list[list[int]], vec: torch.Tensor, laye
     return produced
 
 
+def profile_call(fn) -> None:
+    """Print the CUDA kernels of one call, by total device time (CUDA graph replays included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"profile: device time {total:.1f} ms over {sum(e.count for e in events if e.self_device_time_total)} "
+          "kernel/memcpy events", flush=True)
+    print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70), flush=True)
+
+
 def main() -> None:
     def extra(ap):
         ap.add_argument("--n", type=int, default=40, help="prompts")
@@ -65,6 +105,9 @@ def main() -> None:
         ap.add_argument("--layer", type=int, default=20)
         ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3 cuda, 2 cpu)")
         ap.add_argument("--sweep", type=int, default=8, help="coefficients in the one-batch sweep (0 = skip)")
+        ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="also time compile_decode=True (auto: on cuda)")
+        ap.add_argument("--profile", action="store_true", help="print a kernel profile of one engine call")
 
     args = parse_args(__doc__.splitlines()[0], extra)
     dev = args.device
@@ -80,20 +123,27 @@ def main() -> None:
     sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, seed=args.seed)
     steer = [Intervention("add", layer, vec, coef=coef, positions="response")]
     zero = [Intervention("add", layer, vec, coef=0.0, positions="response")]
-    print(f"shape={args.model_shape} device={dev} prompts={args.n} new={args.new_tokens} layer={layer}", flush=True)
+    variants = {"cuda-graph" if dev == "cuda" else "eager": False}
+    if args.compile == "on" or (args.compile == "auto" and dev == "cuda"):
+        variants["cuda-graph+compile"] = True
+    print(f"shape={args.model_shape} device={dev} prompts={args.n} new={args.new_tokens} layer={layer} "
+          f"threads={torch.get_num_threads()} variants={list(variants)}", flush=True)
 
-    def engine(interventions, rows=None):
+    def engine(interventions, compiled=False, rows=None):
         return generate_tokens(loaded, rows or prompts, sp, interventions, min_new_tokens=args.new_tokens,
-                               eos_ids=[], batch_size=4096)
+                               eos_ids=[], batch_size=4096, compile_decode=compiled)
 
-    # warm-up: kernels, cuBLAS, allocator
+    # warm-up: kernels, cuBLAS, allocator, compilation
     reference_generate(loaded, prompts[:REF_BATCH], vec, layer, coef, 4, args.seed)
-    engine(steer)
+    warmup = {}
+    for name, compiled in variants.items():
+        t, _ = timed(lambda: engine(steer, compiled), dev)
+        warmup[name] = round(t, 2)
+        print(f"warm-up {name}: {t:.2f}s", flush=True)
 
-    ref_t, eng_t, plain_t = [], [], []
-    ref_peak = eng_peak = plain_peak = 0.0
-    ref_tokens = args.n * args.new_tokens
-    steered = unsteered = None
+    ref_t, ref_peak, ref_tokens = [], 0.0, args.n * args.new_tokens
+    res = {name: {"steered": [], "unsteered": [], "steered_peak": 0.0, "unsteered_peak": 0.0} for name in variants}
+    outputs = {}
     for rnd in range(rounds):
         if rnd == 0 or dev == "cpu":
             reset_peak(dev)
@@ -102,44 +152,65 @@ def main() -> None:
             ref_peak = max(ref_peak, peak_gib(dev))
             ref_t.append(t)
             print(f"round {rnd} reference HF generate batch {REF_BATCH}: {t:.2f}s {ref_tokens / t:.0f} tok/s", flush=True)
-        reset_peak(dev)
-        t, steered = timed(lambda: engine(steer), dev)
-        eng_peak = max(eng_peak, peak_gib(dev))
-        eng_t.append(t)
-        reset_peak(dev)
-        t2, unsteered = timed(lambda: engine([]), dev)
-        plain_peak = max(plain_peak, peak_gib(dev))
-        plain_t.append(t2)
-        print(f"round {rnd} engine steered {t:.2f}s unsteered {t2:.2f}s", flush=True)
+        for name, compiled in variants.items():
+            for kind, ivs in (("steered", steer), ("unsteered", [])):
+                reset_peak(dev)
+                t, out = timed(lambda: engine(ivs, compiled), dev)
+                res[name][kind].append(t)
+                res[name][kind + "_peak"] = max(res[name][kind + "_peak"], peak_gib(dev))
+                outputs[(name, kind, rnd)] = out
+            print(f"round {rnd} engine {name}: steered {res[name]['steered'][-1]:.2f}s "
+                  f"unsteered {res[name]['unsteered'][-1]:.2f}s", flush=True)
 
-    new_tokens = sum(len(r) for r in steered)
-    zero_out = engine(zero)
-    coef0_identical = zero_out == unsteered
-    steered_differs = steered != unsteered
     ref_tps = ref_tokens / statistics.median(ref_t)
-    eng_tps = new_tokens / statistics.median(eng_t)
-    plain_tps = new_tokens / statistics.median(plain_t)
+    new_tokens = args.n * args.new_tokens
+    rows = {}
+    for name, compiled in variants.items():
+        r = res[name]
+        zero_out = engine(zero, compiled)
+        last = rounds - 1
+        rows[name] = {
+            "steered_new_tokens_per_s": round(new_tokens / statistics.median(r["steered"]), 1),
+            "unsteered_new_tokens_per_s": round(new_tokens / statistics.median(r["unsteered"]), 1),
+            "steered_peak_gib": r["steered_peak"], "unsteered_peak_gib": r["unsteered_peak"],
+            "steering_cost_pct": round(100 * (statistics.median(r["steered"]) / statistics.median(r["unsteered"]) - 1), 2),
+            "coef0_identical_to_unsteered": zero_out == outputs[(name, "unsteered", last)],
+            "unsteered_repeat_identical": all(outputs[(name, "unsteered", k)] == outputs[(name, "unsteered", 0)]
+                                              for k in range(rounds)),
+            "steered_differs_from_unsteered": outputs[(name, "steered", last)] != outputs[(name, "unsteered", last)],
+            "seconds": {k: [round(x, 3) for x in r[k]] for k in ("steered", "unsteered")},
+            "warmup_seconds": warmup[name],
+        }
+        print(name, rows[name], flush=True)
+    best = max(rows, key=lambda k: rows[k]["steered_new_tokens_per_s"])
+    b = rows[best]
     figures = {
         "bench": "generate", "device": dev, "model_shape": args.model_shape, "prompts": args.n,
-        "new_tokens_per_row": args.new_tokens, "layer": layer,
+        "new_tokens_per_row": args.new_tokens, "layer": layer, "variant": best,
         "reference_new_tokens_per_s": round(ref_tps, 1), "reference_peak_gib": ref_peak,
-        "steered_new_tokens_per_s": round(eng_tps, 1), "steered_peak_gib": eng_peak,
-        "unsteered_new_tokens_per_s": round(plain_tps, 1), "unsteered_peak_gib": plain_peak,
-        "speedup_vs_reference": round(eng_tps / ref_tps, 2),
-        "steering_cost_pct": round(100 * (statistics.median(eng_t) / statistics.median(plain_t) - 1), 2),
-        "coef0_identical_to_unsteered": coef0_identical, "steered_differs_from_unsteered": steered_differs,
-        "seconds": {"reference": [round(x, 3) for x in ref_t], "steered": [round(x, 3) for x in eng_t],
-                    "unsteered": [round(x, 3) for x in plain_t]},
+        "steered_new_tokens_per_s": b["steered_new_tokens_per_s"], "steered_peak_gib": b["steered_peak_gib"],
+        "unsteered_new_tokens_per_s": b["unsteered_new_tokens_per_s"], "unsteered_peak_gib": b["unsteered_peak_gib"],
+        "speedup_vs_reference": round(b["steered_new_tokens_per_s"] / ref_tps, 2),
+        "steering_cost_pct": b["steering_cost_pct"],
+        "coef0_identical_to_unsteered": b["coef0_identical_to_unsteered"],
+        "variants": rows, "reference_seconds": [round(x, 3) for x in ref_t],
     }
     if args.sweep:
         coefs = torch.linspace(-2.0, 2.0, args.sweep)
-        rows = [p for _ in range(args.sweep) for p in prompts]
+        sweep_rows = [p for _ in range(args.sweep) for p in prompts]
         per_row = coefs.repeat_interleave(len(prompts))
         sweep_iv = [Intervention("add", layer, vec, coef=per_row, positions="response")]
         reset_peak(dev)
-        t, out = timed(lambda: engine(sweep_iv, rows), dev)
-        figures["sweep"] = {"rows": len(rows), "coefficients": args.sweep, "seconds": round(t, 3),
-                            "new_tokens_per_s": round(sum(len(r) for r in out) / t, 1), "peak_gib": peak_gib(dev)}
+        t, out = timed(lambda: engine(sweep_iv, variants[best], sweep_rows), dev)
+        tps = sum(len(r) for r in out) / t
+        figures["sweep"] = {"rows": len(sweep_rows), "coefficients": args.sweep, "seconds": round(t, 3),
+                            "new_tokens_per_s": round(tps, 1), "speedup_vs_reference": round(tps / ref_tps, 2),
+                            "peak_gib": peak_gib(dev)}
+    if args.profile and dev == "cuda":
+        profile_call(lambda: engine(steer, variants[best]))
+    if dev == "cuda":
+        figures["greedy_check"] = cuda_graph_check()
+    figures["engine_stats"] = dict(STATS)
     figures["env"] = environment(dev)
     emit(figures)
 

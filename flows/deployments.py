@@ -7,11 +7,13 @@ schedules show in the Prefect UI. Stopping the process pauses the schedules.
 
 from __future__ import annotations
 
-from flows.persona_vectors import persona_vectors
+from flows.pipelines import persona_space, persona_vectors, trajectory
 
 DEPLOYMENTS = {
     # name: (flow, cron, default parameters)
     "persona-vectors-nightly": (persona_vectors, "0 3 * * *", {"overrides": []}),
+    "persona-space-weekly": (persona_space, "0 4 * * 0", {"overrides": []}),
+    "trajectory-weekly": (trajectory, "0 5 * * 0", {"overrides": []}),
 }
 
 

@@ -17,11 +17,12 @@ shards on disk, so host memory is bounded too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -166,6 +167,28 @@ def _install_hooks(loaded: LoadedModel, col: _Collector) -> list:
     return handles
 
 
+@contextlib.contextmanager
+def compiled_blocks(blocks: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Run the blocks' ``forward`` through ``torch.compile`` (dynamic shapes) for the duration.
+
+    Only ``forward`` is compiled, so the capture hooks (and the early stop) stay eager. The
+    compiled code is shared by all blocks of one class (dynamo caches per code object).
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(blocks))
+    patched = []
+    for blk in blocks:
+        if "forward" not in blk.__dict__:
+            blk.forward = torch.compile(blk.forward, dynamic=True)
+            patched.append(blk)
+    try:
+        yield
+    finally:
+        for blk in patched:
+            del blk.forward
+
+
 def _resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
     if layers is None:
         return list(range(num_layers + 1))
@@ -175,18 +198,54 @@ def _resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
     return out
 
 
+def _run_batch(loaded: LoadedModel, col: _Collector, chunk: list[int], prompt_ids, answer_ids,
+               lengths: list[int], pad: int, avg_names: list[str], want_rows: bool) -> dict[str, torch.Tensor]:
+    """One right-padded forward (no attention mask: causal attention never looks right);
+    the hooks fill ``col.out``; returns the per-token rows when ``want_rows``."""
+    dev = loaded.device
+    b, width = len(chunk), lengths[chunk[0]]
+    ids = torch.full((b, width), pad, dtype=torch.long)
+    for r, i in enumerate(chunk):
+        ids[r, :lengths[i]] = torch.tensor(list(prompt_ids[i]) + list(answer_ids[i]))
+    plen = torch.tensor([len(prompt_ids[i]) for i in chunk], device=dev)
+    tlen = torch.tensor([lengths[i] for i in chunk], device=dev)
+    pos = torch.arange(width, device=dev)[None]
+    col.real = pos < tlen[:, None]
+    masks = {"prompt_avg": pos < plen[:, None], "response_avg": (pos >= plen[:, None]) & col.real}
+    if avg_names:
+        w = torch.stack([masks[a].float() for a in avg_names], 1)  # [b, k, t]
+        col.weights = w / w.sum(-1, keepdim=True).clamp(min=1)
+    col.last_idx = plen - 1
+    col.out = {a: torch.empty(b, len(col.layers), loaded.hidden_size, device=dev)
+               for a in col.aggs if a != "none"}
+    col.rows = {}
+    try:
+        loaded.backbone(input_ids=ids.to(dev), use_cache=False)
+    except _StopForward:
+        pass
+    if not want_rows:
+        return {}
+    rows = {f"layer_{L}": col.rows[L] for L in col.layers}
+    rows.update(sample=torch.tensor(chunk, device=dev)[:, None].expand(b, width)[col.real],
+                position=pos.expand(b, width)[col.real],
+                is_response=(pos >= plen[:, None]).expand(b, width)[col.real].to(torch.uint8))
+    return rows
+
+
 @torch.inference_mode()
 def capture_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]],
                    layers: Sequence[int] | None = None, aggregates: Sequence[str] = AGGREGATES,
                    token_budget: int = 16384, max_batch: int = 1024, shard_dir: Path | str | None = None,
-                   shard_tokens: int = 65536, desc: str = "activations", progress: bool = True) -> CaptureResult:
+                   shard_tokens: int = 65536, desc: str = "activations", progress: bool = True,
+                   compile_blocks: bool = False) -> CaptureResult:
     """Capture activations of ``prompt + answer`` token sequences.
 
     ``layers``: hidden-state indices (default all ``0..num_layers``); the forward stops after
     the largest. ``aggregates``: any of ``prompt_avg``, ``response_avg``, ``prompt_last`` (each
     ``[n, len(layers), H]`` fp32 on the CPU, in input order) and ``none`` (every real token's
     row written to safetensors shards under ``shard_dir``). An empty answer gives a zero
-    ``response_avg``; an empty prompt is an error.
+    ``response_avg``; an empty prompt is an error. ``compile_blocks`` runs the decoder blocks
+    through ``torch.compile`` (fuses the elementwise work; worth it for large GPU runs only).
     """
     if len(prompt_ids) != len(answer_ids):
         raise InputError("prompts and answers differ in length")
@@ -197,7 +256,7 @@ def capture_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], ans
         raise InputError("aggregate 'none' needs shard_dir")
     if any(len(p) == 0 for p in prompt_ids):
         raise InputError("every sample needs at least one prompt token")
-    n, hidden, dev = len(prompt_ids), loaded.hidden_size, loaded.device
+    n, hidden = len(prompt_ids), loaded.hidden_size
     layer_list = _resolve_layers(layers, loaded.num_layers)
     col = _Collector(layer_list, aggregates, final_norm(loaded), loaded.num_layers)
     avg_names = [a for a in aggregates if a.endswith("_avg")]
@@ -205,43 +264,22 @@ def capture_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], ans
     result.means = {a: torch.zeros(n, len(layer_list), hidden) for a in aggregates if a != "none"}
     writer = _ShardWriter(Path(shard_dir), layer_list, shard_tokens) if "none" in aggregates else None
     lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer is not None else 0
-    handles = _install_hooks(loaded, col)
-    try:
+    pad = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+    with contextlib.ExitStack() as stack:
+        for h in _install_hooks(loaded, col):
+            stack.callback(h.remove)
+        if compile_blocks:
+            stack.enter_context(compiled_blocks(loaded.layers[:max(layer_list)]))
         for chunk in tqdm(plan_batches(lengths, token_budget, max_batch), desc=desc, unit="batch",
                           leave=False, disable=not progress):
-            b, width = len(chunk), lengths[chunk[0]]
-            ids = torch.full((b, width), pad or 0, dtype=torch.long)
-            for r, i in enumerate(chunk):
-                ids[r, :lengths[i]] = torch.tensor(list(prompt_ids[i]) + list(answer_ids[i]))
-            plen = torch.tensor([len(prompt_ids[i]) for i in chunk], device=dev)
-            tlen = torch.tensor([lengths[i] for i in chunk], device=dev)
-            pos = torch.arange(width, device=dev)[None]
-            col.real = pos < tlen[:, None]
-            masks = {"prompt_avg": pos < plen[:, None], "response_avg": (pos >= plen[:, None]) & col.real}
-            if avg_names:
-                w = torch.stack([masks[a].float() for a in avg_names], 1)  # [b, k, t]
-                col.weights = w / w.sum(-1, keepdim=True).clamp(min=1)
-            col.last_idx = plen - 1
-            col.out = {a: torch.empty(b, len(layer_list), hidden, device=dev) for a in result.means}
-            col.rows = {}
-            try:
-                loaded.backbone(input_ids=ids.to(dev), use_cache=False)
-            except _StopForward:
-                pass
+            rows = _run_batch(loaded, col, chunk, prompt_ids, answer_ids, lengths, pad, avg_names,
+                              want_rows=writer is not None)
             idx = torch.tensor(chunk)
             for a, t in col.out.items():
                 result.means[a][idx] = t.cpu()
             if writer is not None:
-                sample = torch.tensor(chunk, device=dev)[:, None].expand(b, width)[col.real]
-                rows = {f"layer_{L}": col.rows[L] for L in layer_list}
-                rows.update(sample=sample, position=pos.expand(b, width)[col.real],
-                            is_response=(pos >= plen[:, None]).expand(b, width)[col.real].to(torch.uint8))
                 writer.add(rows)
             result.num_tokens += sum(lengths[i] for i in chunk)
-    finally:
-        for h in handles:
-            h.remove()
     if writer is not None:
         writer.flush()
         result.shards = writer.paths

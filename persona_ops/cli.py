@@ -25,7 +25,7 @@ app.add_typer(vectors_app, name="vectors")
 
 INPUT_ERROR_MARK = "persona-ops: input error:"
 SET_HELP = "Override a parameter of params.yaml, e.g. -S generate.max_new_tokens=32 (repeatable)."
-PIPELINES = ("persona-vectors",)
+PIPELINES = ("persona-vectors", "persona-space", "trajectory")
 
 
 def _fail(e: Exception) -> None:
@@ -48,28 +48,31 @@ def run(pipeline: str = typer.Argument(..., help=f"Pipeline to run: {', '.join(P
     if pipeline not in PIPELINES:
         _fail(InputError(f"unknown pipeline {pipeline!r}; expected one of {', '.join(PIPELINES)}"))
     _prefect_env(root)
-    from flows.persona_vectors import persona_vectors
+    from flows.pipelines import FLOWS
 
     try:
-        persona_vectors(overrides=list(set_), root=str(root))
+        FLOWS[pipeline](overrides=list(set_), root=str(root))
     except InputError as e:
         _fail(e)
     results(root)
 
 
 @app.command()
-def stage(name: str = typer.Argument(..., help="Stage: generate | judge | activations | vectors."),
-          trait: str = typer.Option(..., "--trait", "-t", help="Trait name (a file in traits.dir/extract)."),
+def stage(name: str = typer.Argument(..., help="Stage name (see dvc.yaml): generate, judge, activations, vectors, "
+                                               "finetune, role_transcripts, role_judge, role_activations, "
+                                               "persona_space, checkpoint_activations, trajectory."),
+          item: Optional[str] = typer.Option(None, "--item", "--trait", "-t",
+                                             help="Trait name or checkpoint label, for stages that run per item."),
           set_: list[str] = typer.Option([], "--set", "-S", help=SET_HELP + " Not written anywhere."),
           root: Path = typer.Option(Path("."), help="Project directory.")) -> None:
-    """Run one stage for one trait (what dvc.yaml calls). Records an MLflow run."""
+    """Run one stage (what dvc.yaml calls). Records an MLflow run."""
     from persona_ops.stages import run_stage
 
     try:
-        result = run_stage(name, trait, root=root, overrides=list(set_))
+        result = run_stage(name, item, root=root, overrides=list(set_))
     except InputError as e:
         _fail(e)
-    typer.echo(f"{name}@{trait}: " + json.dumps(result.metrics, sort_keys=True))
+    typer.echo(f"{name}{'@' + item if item else ''}: " + json.dumps(result.metrics, sort_keys=True))
 
 
 @app.command()

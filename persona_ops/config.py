@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from persona_ops.errors import InputError
 from persona_ops.io import write_text
+from persona_ops.pipelines.finetune import FinetuneParams
+from persona_ops.pipelines.persona_space import PersonaSpaceParams
 
 
 class _Section(BaseModel):
@@ -82,7 +84,8 @@ class TrackingCfg(_Section):
 
 
 class Params(_Section):
-    """All parameters of the persona-vector pipeline (see params.yaml)."""
+    """All parameters (see params.yaml). The top-level sections up to ``tracking`` belong to the
+    persona-vector pipeline; ``persona_space`` and ``finetune`` to the persona-space/trajectory one."""
 
     model: ModelCfg = Field(default_factory=ModelCfg)
     traits: TraitsCfg = Field(default_factory=TraitsCfg)
@@ -91,6 +94,8 @@ class Params(_Section):
     filter: FilterCfg = Field(default_factory=FilterCfg)
     activations: ActivationsCfg = Field(default_factory=ActivationsCfg)
     tracking: TrackingCfg = Field(default_factory=TrackingCfg)
+    persona_space: PersonaSpaceParams = Field(default_factory=PersonaSpaceParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
 
     @model_validator(mode="after")
     def _per_trait_known(self) -> "Params":
@@ -115,7 +120,7 @@ class Params(_Section):
 
     def dvc_view(self) -> dict:
         """What params.yaml stores: every per-trait entry present so DVC can track it."""
-        data = self.model_dump()
+        data = self.model_dump(mode="json")
         for name in self.traits.names:
             data["traits"]["per_trait"].setdefault(name, {"assistant_name": name})
         return data

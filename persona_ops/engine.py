@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from persona_ops.activations import compiled_blocks
 from persona_ops.chat import encode
 from persona_ops.generation import SamplingParams
 from persona_ops.interventions import Intervention, Steerer
@@ -36,6 +37,7 @@ from persona_ops.sampling import sample_next
 log = logging.getLogger(__name__)
 ATTN_NAME = "persona_ops_static_kv"
 _ACTIVE: "KVStore | None" = None  # the store the attention function writes to, while the engine runs
+STATS = {"graph_captures": 0, "graph_fallbacks": 0}  # observability for benches and logs
 
 
 class KVStore:
@@ -76,6 +78,7 @@ class KVStore:
         return out.reshape(b, h, t, -1).transpose(1, 2)
 
 
+@torch.compiler.disable  # compiled decoder blocks call it eagerly: the store is Python state
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """AttentionInterface entry: the engine's static-cache attention while it runs, else SDPA."""
     store = _ACTIVE
@@ -127,15 +130,18 @@ class _DecodeStep:
     """One decode forward over static inputs; replayed from a CUDA graph when ``graph``."""
 
     def __init__(self, model: torch.nn.Module, tok: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor,
-                 store: KVStore, graph: bool):
+                 store: KVStore, graph: bool, blocks: Sequence[torch.nn.Module] = ()):
         self.model, self.tok, self.pos, self.bias, self.store = model, tok, pos, bias, store
+        self.blocks = blocks  # compiled (torch.compile) for the captured step when given
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         if graph:
             try:
                 self._capture()
+                STATS["graph_captures"] += 1
             except Exception as e:  # capture is an optimisation: fall back to eager steps
                 log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
+                STATS["graph_fallbacks"] += 1
                 self.graph = None
 
     def _forward(self) -> torch.Tensor:
@@ -144,16 +150,19 @@ class _DecodeStep:
         return out.logits[:, -1].float()
 
     def _capture(self) -> None:
-        # warm-up on a side stream (allocator, cuBLAS handles), then capture; the warm-up only
-        # rewrites the current slot, which the first real step writes again before reading it
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._forward()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward()
+        # warm-up on a side stream (allocator, cuBLAS handles, compilation), then capture; the
+        # warm-up only rewrites the current slot, which the first real step writes again before
+        # reading it. Compiled blocks are baked into the graph; their Python wrappers go after.
+        with compiled_blocks(self.blocks) if self.blocks else contextlib.nullcontext():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2 if self.blocks else 1):
+                    self._forward()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()
 
     def __call__(self) -> torch.Tensor:
         if self.graph is not None:
@@ -166,7 +175,7 @@ class _DecodeStep:
 
 def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], sampling: SamplingParams,
                     steerer: Steerer | None, eos: torch.Tensor, pad: int, min_new_tokens: int,
-                    generator: torch.Generator, graph: bool) -> torch.Tensor:
+                    generator: torch.Generator, graph: bool, compile_decode: bool = False) -> torch.Tensor:
     """New tokens ``[B, max_new]`` (pad after a row's EOS) for one batch of prompts."""
     model, dev = loaded.model, loaded.device
     dtype = next(model.parameters()).dtype
@@ -216,7 +225,8 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], sampling:
         bias[:, 0, 0, :plen] = torch.where(real, 0.0, neg).to(dtype)
         if steerer is not None:
             steerer.set_decode()
-        step_fn = _DecodeStep(model, tok, step_pos, bias, store, graph)
+        step_fn = _DecodeStep(model, tok, step_pos, bias, store, graph,
+                              blocks=loaded.layers if (graph and compile_decode) else ())
         for step in range(1, new):
             logits = step_fn()
             nxt = pick(logits, step)
@@ -232,14 +242,18 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], sampling:
 def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sampling: SamplingParams,
                     interventions: Sequence[Intervention] = (), *, min_new_tokens: int = 0,
                     eos_ids: Sequence[int] | None = None, batch_size: int = 256,
-                    cuda_graph: bool | None = None, progress: bool = False) -> list[list[int]]:
+                    cuda_graph: bool | None = None, compile_decode: bool = False,
+                    progress: bool = False) -> list[list[int]]:
     """Generate continuations of token-id prompts; returns each row's new ids (EOS included if hit).
 
     ``interventions`` apply during prefill and decoding (per-row ``coef``/``tau`` tensors have
     one value per prompt). Prompts are length-sorted into batches of ``batch_size``; one
     seeded generator drives all sampling, so equal inputs give equal outputs. ``cuda_graph``
-    defaults to on for CUDA models. ``eos_ids`` defaults to :func:`stop_ids`; EOS is masked
-    until ``min_new_tokens`` tokens exist.
+    defaults to on for CUDA models; ``compile_decode`` also runs the decoder blocks of the
+    captured step through ``torch.compile`` (fused elementwise work; the first call compiles).
+    ``eos_ids`` defaults to :func:`stop_ids`; EOS is masked until ``min_new_tokens`` tokens exist.
+    Bitwise run-to-run equality on CUDA needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before
+    CUDA starts (cuBLAS may pick other kernels on the capture stream otherwise).
     """
     if not prompt_ids:
         return []
@@ -264,7 +278,7 @@ def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sa
             if steerer is not None:
                 steerer.select_rows(chunk)
             new = _generate_batch(loaded, [prompt_ids[i] for i in chunk], sampling, steerer, eos, pad,
-                                  min_new_tokens, generator, graph).cpu().tolist()
+                                  min_new_tokens, generator, graph, compile_decode).cpu().tolist()
             for r, i in enumerate(chunk):
                 row = new[r]
                 cut = next((j + 1 for j, t in enumerate(row) if t in eos_set), len(row))

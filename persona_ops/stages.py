@@ -1,6 +1,6 @@
 """The stage registry: one definition per stage, used by the CLI, DVC and the Prefect flows.
 
-``persona-ops stage NAME --trait T`` runs a stage inside an MLflow run; ``dvc.yaml`` is
+``persona-ops stage NAME [--item ITEM]`` runs a stage inside an MLflow run; ``dvc.yaml`` is
 generated from the same definitions (``persona-ops dvc-yaml``) and a test keeps the
 committed file equal to the generated one.
 """
@@ -11,114 +11,218 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from persona_ops.config import TraitParams, load_params
+from pydantic import BaseModel
+
+from persona_ops.config import Params, load_params
+from persona_ops.pipelines import finetune as ft
+from persona_ops.pipelines import persona_space as ps
 from persona_ops.pipelines import persona_vectors as pv
 
-PIPELINE = "persona-vectors"
 ITEM = "${item}"
+PIPELINES = ("persona-vectors", "persona-space", "trajectory")
 
 
 @dataclass(frozen=True)
 class StageSpec:
-    """A stage: its function, DVC deps (code and data), tracked params, outs and metrics file."""
+    """A stage: how to run it, its DVC deps (code and data), tracked params, outs and metrics."""
 
     name: str
-    fn: Callable[[TraitParams, Path], "pv.StageResult"]
+    pipeline: str
+    config: Callable[[Params, str | None], BaseModel]  # the parameters the stage sees
+    run: Callable[[BaseModel, str | None, Path], "pv.StageResult"]
     deps: tuple[str, ...]
     params: tuple[str, ...]
     outs: tuple[str, ...]
+    foreach: str | None = None  # params key listing the items the stage runs for
+    item_key: str = ITEM  # how an item names its outputs (e.g. ${item.label})
+    persist: bool = False  # keep outs when rerunning (stages that resume)
 
     @property
     def metrics(self) -> str:
-        return f"{pv.METRICS}/{ITEM}/{self.name}.json"
+        base = f"metrics/{self.pipeline.replace('-', '_')}"
+        return f"{base}/{self.item_key}/{self.name}.json" if self.foreach else f"{base}/{self.name}.json"
 
+
+# --- persona vectors (foreach trait) ----------------------------------------------------------
 
 def _p(key: str) -> str:
     return str(pv.paths(Path("."), ITEM)[key])
 
 
+def _trait(params: Params, item: str | None):
+    return params.for_trait(item)
+
+
+def _pv(fn):
+    return lambda tp, item, root: fn(tp, root)
+
+
 _TRAIT_FILE = f"${{traits.dir}}/${{traits.extract_subdir}}/{ITEM}.json"
 _PER_TRAIT = f"traits.per_trait.{ITEM}"
-_CORE = "persona_ops/pipelines/persona_vectors.py"
+_PV_CODE = "persona_ops/pipelines/persona_vectors.py"
+_PV = dict(pipeline="persona-vectors", config=_trait, foreach="traits.names")
+
+# --- persona space and trajectory -----------------------------------------------------------
+
+_PS_OUT = "${persona_space.out}"
+_PS_CODE = "persona_ops/pipelines/persona_space.py"
+_PS = dict(pipeline="persona-space", config=lambda params, item: params.persona_space)
+_FT = dict(pipeline="trajectory", config=lambda params, item: params.finetune)
+_TRAJ = dict(pipeline="trajectory", config=lambda params, item: params.persona_space)
+_PS_PARAMS = ("persona_space.model", "persona_space.roles")
 
 SPECS: tuple[StageSpec, ...] = (
-    StageSpec("generate", pv.generate,
-              deps=(_TRAIT_FILE, _CORE, "persona_ops/generation.py", "persona_ops/chat.py"),
+    StageSpec("generate", run=_pv(pv.generate), **_PV,
+              deps=(_TRAIT_FILE, _PV_CODE, "persona_ops/generation.py", "persona_ops/chat.py"),
               params=("model", "generate", "traits.dir", "traits.extract_subdir", "traits.neg_assistant_name",
                       _PER_TRAIT),
               outs=(_p("generations"), _p("generations").replace(".jsonl", ".provenance.json"))),
-    StageSpec("judge", pv.judge,
+    StageSpec("judge", run=_pv(pv.judge), **_PV,
               deps=(_p("generations"), _TRAIT_FILE, "persona_ops/judge"),
               params=("judge", _PER_TRAIT),
               outs=(_p("judgements"), _p("judgements").replace(".jsonl", ".provenance.json"))),
-    StageSpec("activations", pv.activations,
+    StageSpec("activations", run=_pv(pv.activations), **_PV,
               deps=(_p("generations"), _p("judgements"), "persona_ops/activations.py"),
               params=("model", "filter", "activations", _PER_TRAIT),
               outs=(_p("activations"),)),
-    StageSpec("vectors", pv.vectors,
+    StageSpec("vectors", run=_pv(pv.vectors), **_PV,
               deps=(_p("activations"), "persona_ops/vectors.py"),
               params=(_PER_TRAIT,),
               outs=(_p("vectors"),)),
+    StageSpec("finetune", run=lambda c, item, root: ft.finetune(c, root), **_FT,
+              deps=("${finetune.dataset}", "persona_ops/training.py", "persona_ops/pipelines/finetune.py"),
+              params=("finetune",),
+              outs=("${finetune.out}",)),
+    StageSpec("role_transcripts", run=lambda c, item, root: ps.transcripts(c, root), **_PS,
+              deps=("${persona_space.roles.dir}", "${persona_space.roles.questions}", "${finetune.out}",
+                    _PS_CODE, "persona_ops/generation.py"),
+              params=_PS_PARAMS + ("persona_space.transcripts",),
+              outs=(f"{_PS_OUT}/transcripts",), persist=True),
+    StageSpec("role_judge", run=lambda c, item, root: ps.judge_roles(c, root), **_PS,
+              deps=(f"{_PS_OUT}/transcripts", "persona_ops/judge"),
+              params=_PS_PARAMS + ("persona_space.judge",),
+              outs=(f"{_PS_OUT}/scores",)),
+    StageSpec("role_activations", run=lambda c, item, root: ps.role_activations(c, root), **_PS,
+              deps=(f"{_PS_OUT}/transcripts", "persona_ops/activations.py"),
+              params=_PS_PARAMS + ("persona_space.activations", "persona_space.space"),
+              outs=(f"{_PS_OUT}/activations",), persist=True),
+    StageSpec("persona_space", run=lambda c, item, root: ps.persona_space(c, root), **_PS,
+              deps=(f"{_PS_OUT}/activations", f"{_PS_OUT}/scores", "persona_ops/persona_space.py"),
+              params=_PS_PARAMS + ("persona_space.vectors", "persona_space.space"),
+              outs=(f"{_PS_OUT}/persona_space.safetensors", f"{_PS_OUT}/role_vectors.safetensors",
+                    f"{_PS_OUT}/persona_space.metrics.json")),
+    StageSpec("checkpoint_activations", run=lambda c, item, root: ps.role_activations(c, root, checkpoint=item),
+              **_TRAJ, foreach="persona_space.trajectory.checkpoints", item_key="${item.label}",
+              deps=(f"{_PS_OUT}/transcripts", "${finetune.out}", "persona_ops/activations.py"),
+              params=_PS_PARAMS + ("persona_space.activations", "persona_space.space",
+                                   "persona_space.trajectory.checkpoints"),
+              outs=(f"{_PS_OUT}/checkpoints/${{item.label}}/activations",)),
+    StageSpec("trajectory", run=lambda c, item, root: ps.trajectory(c, root), **_TRAJ,
+              deps=(f"{_PS_OUT}/persona_space.safetensors", f"{_PS_OUT}/checkpoints", _PS_CODE),
+              params=_PS_PARAMS + ("persona_space.vectors", "persona_space.trajectory"),
+              outs=(f"{_PS_OUT}/trajectory",)),
 )
 STAGES = {s.name: s for s in SPECS}
 
 
+def pipeline_stages(pipeline: str) -> list[StageSpec]:
+    """The stages a pipeline's flow runs, in order (``trajectory`` includes ``persona-space``)."""
+    wanted = {"persona-vectors": ("persona-vectors",), "persona-space": ("trajectory", "persona-space"),
+              "trajectory": ("trajectory", "persona-space")}[pipeline]
+    specs = [s for s in SPECS if s.pipeline in wanted]
+    if pipeline == "persona-space":  # the space needs the fine-tune only for its reference model
+        specs = [s for s in specs if s.name not in ("checkpoint_activations", "trajectory")]
+    return specs
+
+
+def stage_items(spec: StageSpec, params: Params) -> list[str | None]:
+    """The items a stage runs for: trait names, checkpoint labels, or ``[None]``."""
+    if spec.foreach is None:
+        return [None]
+    if spec.foreach == "traits.names":
+        return list(params.traits.names)
+    return [c.label for c in params.persona_space.trajectory.checkpoints]
+
+
+def dvc_name(spec: StageSpec, params: Params, item: str | None) -> str:
+    """DVC's name of one stage instance (``generate@evil``, ``checkpoint_activations@0``)."""
+    if item is None:
+        return spec.name
+    items = stage_items(spec, params)
+    return f"{spec.name}@{item if spec.item_key == ITEM else items.index(item)}"
+
+
 def dvc_yaml() -> dict:
-    """The ``dvc.yaml`` content: one foreach stage per spec over ``traits.names``."""
+    """The ``dvc.yaml`` content."""
     stages = {}
     for s in SPECS:
-        stages[s.name] = {
-            "foreach": "${traits.names}",
-            "do": {
-                "cmd": f"persona-ops stage {s.name} --trait {ITEM}",
-                "deps": list(s.deps),
-                "params": list(s.params),
-                "outs": list(s.outs),
-                "metrics": [{s.metrics: {"cache": False}}],
-            },
+        body = {
+            "cmd": f"persona-ops stage {s.name}" + (f" --item {s.item_key}" if s.foreach else ""),
+            "deps": list(s.deps),
+            "params": list(s.params),
+            "outs": [{o: {"persist": True}} for o in s.outs] if s.persist else list(s.outs),
+            "metrics": [{s.metrics: {"cache": False}}],
         }
+        stages[s.name] = {"foreach": f"${{{s.foreach}}}", "do": body} if s.foreach else body
     return {"stages": stages}
 
 
-def run_stage(name: str, trait: str, *, root: Path = Path("."), params_file: str = "params.yaml",
+def run_stage(name: str, item: str | None = None, *, root: Path = Path("."), params_file: str = "params.yaml",
               overrides: list[str] = ()) -> "pv.StageResult":
-    """Run one stage for one trait, record it in MLflow (when enabled) and write its metrics."""
+    """Run one stage (for one item), record it in MLflow (when enabled) and write its metrics."""
     from persona_ops.errors import InputError
     from persona_ops.io import md5_file, sha256_path, write_json
 
     if name not in STAGES:
         raise InputError(f"unknown stage {name!r}; expected one of {sorted(STAGES)}")
-    params = load_params(root / params_file, overrides)
-    if trait not in params.traits.names:
-        raise InputError(f"trait {trait!r} is not in traits.names={params.traits.names}")
-    tp = params.for_trait(trait)
     spec = STAGES[name]
-    metrics_path = root / spec.metrics.replace(ITEM, trait)
+    params = load_params(root / params_file, overrides)
+    items = stage_items(spec, params)
+    if spec.foreach and item not in items:
+        raise InputError(f"stage {name} needs --item, one of {spec.foreach}={items} (got {item!r})")
+    config = spec.config(params, item)
+    metrics_path = root / spec.metrics.replace(spec.item_key, str(item))
     if not params.tracking.enabled:
-        result = spec.fn(tp, root)
+        result = spec.run(config, item, root)
         write_json(metrics_path, result.metrics)
         return result
 
     from persona_ops import tracking
-    from persona_ops.models import model_label
 
     tracking.configure(root)
-    run_params = {"stage": name, "trait": trait, **tp.params.model_dump(), "assistant_name": tp.assistant_name}
-    with tracking.stage_run(f"{name}@{trait}", experiment=params.tracking.experiment, parent_run_id=None,
-                            params=run_params, tags={"persona_ops.stage": name, "persona_ops.trait": trait}) as run:
-        result = spec.fn(tp, root)
+    run_name = dvc_name(spec, params, item)
+    model = getattr(config, "params", config).model  # persona vectors: TraitParams.params.model
+    label = _model_label(model)
+    run_params = {"stage": name, "item": item, **config.model_dump(mode="json")}
+    with tracking.stage_run(run_name, experiment=spec.pipeline, parent_run_id=None, params=run_params,
+                            tags={"persona_ops.stage": name, "persona_ops.item": str(item)}) as run:
+        result = spec.run(config, item, root)
         write_json(metrics_path, result.metrics)
         run.log_metrics(result.metrics)
-        tags = tracking.lineage_tags(model_label=model_label(tp.params.model.name, tp.params.model.revision),
-                                     inputs={str(p.relative_to(root)): sha256_path(p) for p in result.inputs},
-                                     dvc_stage=f"{name}@{trait}", project_root=root)
-        tags.update({f"dvc.{p.relative_to(root)}.md5": md5_file(p) for p in result.outputs})
+        tags = tracking.lineage_tags(model_label=label,
+                                     inputs={_rel(p, root): sha256_path(p) for p in result.inputs if p.exists()},
+                                     dvc_stage=run_name, project_root=root)
+        tags.update({f"dvc.{_rel(p, root)}.md5": md5_file(p) for p in result.outputs if p.is_file()})
         run.set_tags(tags)
         run.log_artifact(metrics_path)
         if params.tracking.register_vectors:
             for reg_name, path in result.register.items():
-                version = tracking.register_vector(path, trait=trait, run_id=run.run_id,
-                                                   model_label=tags.get("model"), dvc_md5=md5_file(path),
-                                                   alias=params.tracking.alias, project_root=root)
+                version = tracking.register_path(reg_name, path, run_id=run.run_id, model_label=label,
+                                                 alias=params.tracking.alias, project_root=root)
                 run.set_tags({f"registered.{reg_name}": str(version)})
     return result
+
+
+def _model_label(model) -> str:
+    from persona_ops.models import model_label
+
+    label = model_label(model.name, model.revision)
+    adapter = getattr(model, "adapter", None)
+    return f"{label}+{adapter}" if adapter else label
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)

@@ -501,6 +501,29 @@ def register_vector(vector_path: str | os.PathLike, *, trait: str, run_id: str,
                                      tags=version_tags, alias=alias)
 
 
+def register_path(name: str, path: str | os.PathLike, *, run_id: str, model_label: str | None = None,
+                  alias: str | None = "candidate", project_root: Path | None = None) -> int:
+    """Register a stage's output (a file or a directory) under ``name``; the model type is the
+    name's first two words (``persona-vector-evil`` -> ``persona-vector``, ``lora-adapter-pirate``
+    -> ``lora-adapter``, ``persona-space-smollm2`` -> ``persona-space``)."""
+    path = Path(path)
+    if name.startswith(VECTOR_MODEL_PREFIX):
+        return register_vector(path, trait=name[len(VECTOR_MODEL_PREFIX):], run_id=run_id,
+                               model_label=model_label, alias=alias, project_root=project_root)
+    root = Path(project_root) if project_root is not None else Path.cwd()
+    tags = {"sha256": sha256_path(path), "source.path": _rel(path.resolve(), root)}
+    if model_label:
+        tags["model"] = model_label
+    if path.is_file():
+        tags["dvc_md5"] = md5_file(path)
+    model_type = "-".join(name.split("-")[:2])
+    if path.is_dir():
+        return register_artifact_dir(name, path, model_type=model_type, run_id=run_id, tags=tags, alias=alias)
+    with tempfile.TemporaryDirectory(prefix="persona-ops-") as tmp:
+        shutil.copy2(path, Path(tmp) / path.name)
+        return register_artifact_dir(name, tmp, model_type=model_type, run_id=run_id, tags=tags, alias=alias)
+
+
 def load_registered_vector(trait: str, alias: str = "candidate",
                            dst: str | os.PathLike | None = None) -> Path:
     """Download ``models:/persona-vector-<trait>@<alias>``; return the local safetensors path."""

@@ -1,8 +1,8 @@
 """Prefect tasks that run persona_ops stages through DVC, so DVC stays the one cache.
 
-A stage task runs ``dvc repro --single-item STAGE@TRAIT``: DVC skips it when nothing it
-depends on changed, and records its outputs in ``dvc.lock`` when it runs, so after a
-Prefect run a plain ``dvc repro`` has nothing to do (and the reverse).
+A stage task runs ``dvc repro --single-item TARGET``: DVC skips it when nothing it depends
+on changed, and records its outputs in ``dvc.lock`` when it runs, so after a Prefect run a
+plain ``dvc repro`` has nothing to do (and the reverse).
 """
 
 from __future__ import annotations
@@ -33,18 +33,25 @@ def _retry_unless_input_error(task, task_run, state) -> bool:
 
 
 @task(name="validate-inputs", cache_policy=NO_CACHE, retries=0)
-def validate_inputs(root: str, overrides: list[str]) -> dict:
-    """Validate params and every trait file before any model is loaded; write the overrides
-    into params.yaml (as ``dvc exp run -S`` does) so DVC and the flow see the same values."""
+def validate_inputs(root: str, overrides: list[str], pipeline: str) -> dict:
+    """Validate params and every input file of ``pipeline`` before any model is loaded; write the
+    overrides into params.yaml (as ``dvc exp run -S`` does) so DVC and the flow see the same values."""
     from persona_ops.config import load_params, save_params
-    from persona_ops.data import load_traits
+    from persona_ops.data import check_paths, load_traits
 
     rootp = Path(root)
     params = load_params(rootp / "params.yaml", overrides)
-    load_traits(rootp / params.traits.dir, params.traits.names, split=params.traits.extract_subdir)
+    if pipeline == "persona-vectors":
+        load_traits(rootp / params.traits.dir, params.traits.names, split=params.traits.extract_subdir)
+    else:
+        ps = params.persona_space
+        paths = [rootp / ps.roles.dir, rootp / ps.roles.questions, rootp / params.finetune.dataset]
+        _, errors = check_paths([str(p) for p in paths])
+        if errors:
+            raise InputError("\n".join(errors))
     if overrides or any(n not in params.traits.per_trait for n in params.traits.names):
         save_params(params, rootp / "params.yaml")
-    return params.model_dump()
+    return params.model_dump(mode="json")
 
 
 def _env(parent_run_id: str | None) -> dict:
@@ -57,11 +64,11 @@ def _env(parent_run_id: str | None) -> dict:
 
 
 @task(name="dvc-stage", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(2),
-      retry_condition_fn=_retry_unless_input_error, task_run_name="{stage}@{trait}")
-def run_dvc_stage(stage: str, trait: str, root: str, parent_run_id: str | None = None) -> str:
-    """Reproduce one stage for one trait; returns ``"ran"`` or ``"up to date"``."""
+      retry_condition_fn=_retry_unless_input_error, task_run_name="{target}")
+def run_dvc_stage(target: str, root: str, parent_run_id: str | None = None) -> str:
+    """Reproduce one DVC stage (e.g. ``generate@evil``); returns ``"ran"`` or ``"up to date"``."""
     logger = get_run_logger()
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", f"{stage}@{trait}"]
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", target]
     proc = subprocess.Popen(cmd, cwd=root, env=_env(parent_run_id), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -69,10 +76,10 @@ def run_dvc_stage(stage: str, trait: str, root: str, parent_run_id: str | None =
         lines.append(line.rstrip())
         logger.info(line.rstrip())
     proc.wait()
-    text = "\n".join(lines)
     if proc.returncode != 0:
         for line in lines:
             if INPUT_ERROR_MARK in line:
                 raise InputError(line.split(INPUT_ERROR_MARK, 1)[1].strip())
-        raise TransientError(f"dvc repro {stage}@{trait} failed (exit {proc.returncode}):\n{text[-2000:]}")
+        tail = "\n".join(lines[-30:])
+        raise TransientError(f"dvc repro {target} failed (exit {proc.returncode}):\n{tail}")
     return "ran" if any(line.startswith("Running stage") for line in lines) else "up to date"

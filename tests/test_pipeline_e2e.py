@@ -60,7 +60,7 @@ def flow_result(project, mlflow_store, tmp_path_factory):
     os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect")))
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.persona_vectors import persona_vectors
+    from flows.pipelines import persona_vectors
 
     with prefect_test_harness(server_startup_timeout=120):
         return persona_vectors(root=str(project))

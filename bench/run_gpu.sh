@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# All GPU benchmarks in one go (one device call): capture and steered generation for the
+# OLMo-2-7B and Qwen3-4B shapes, each side by side with its reference. Logs and the final
+# JSON lines go to ${OUT:-bench/out}.
+set -u
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$(pwd)
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c \
+  'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'; } \
+  2>&1 | tee "$OUT/env.txt"
+: > "$OUT/results.jsonl"
+run() {  # name, args...
+  local name=$1; shift
+  echo "=== $name $*"
+  timeout "${BENCH_TIMEOUT:-300}" python3 -m "$@" 2>&1 | grep -v "Loading weights" | tee "$OUT/$name.log"
+  tail -n 1 "$OUT/$name.log" | grep '^{' >> "$OUT/results.jsonl" || echo "!! $name produced no JSON"
+}
+run generate-qwen3 bench.generate --device cuda --model-shape qwen3-4b --profile
+run generate-olmo2 bench.generate --device cuda --model-shape olmo2-7b --sweep 4 --profile
+run capture-olmo2 bench.capture --device cuda --model-shape olmo2-7b
+run capture-qwen3 bench.capture --device cuda --model-shape qwen3-4b
+python3 - "$OUT/results.jsonl" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    keys = [k for k in r if "speedup" in k or k.endswith("tokens_per_s") or "peak" in k or k in
+            ("steering_cost_pct", "coef0_identical_to_unsteered", "greedy_check", "engine_stats", "variant",
+             "compile", "sweep")]
+    print(r["bench"], r["model_shape"], {k: r[k] for k in keys})
+EOF

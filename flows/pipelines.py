@@ -1,4 +1,4 @@
-"""Prefect flows: ``persona-vectors``, ``persona-space`` and ``trajectory``.
+"""Prefect flows: ``persona-vectors``, ``steering-sweep``, ``projection``, ``persona-space``, ``trajectory``.
 
 Each validates its inputs, opens an MLflow pipeline run, and runs its stages in order as
 retryable tasks, each reproducing the DVC stage of the same name. Stages that run per item
@@ -71,4 +71,17 @@ def trajectory(overrides: list[str] | None = None, root: str = ".") -> dict:
     return run_pipeline("trajectory", overrides, root)
 
 
-FLOWS = {"persona-vectors": persona_vectors, "persona-space": persona_space, "trajectory": trajectory}
+@flow(name="steering-sweep", log_prints=True, task_runner=_RUNNER)
+def steering_sweep(overrides: list[str] | None = None, root: str = ".") -> dict:
+    """Persona vectors, then layers x coefficients x kind of steering for ``steering.traits``."""
+    return run_pipeline("steering-sweep", overrides, root)
+
+
+@flow(name="projection", log_prints=True, task_runner=_RUNNER)
+def projection(overrides: list[str] | None = None, root: str = ".") -> dict:
+    """Persona vectors, then projections of ``projection.inputs`` onto them (+ finetuning shift)."""
+    return run_pipeline("projection", overrides, root)
+
+
+FLOWS = {"persona-vectors": persona_vectors, "steering-sweep": steering_sweep, "projection": projection,
+         "persona-space": persona_space, "trajectory": trajectory}

@@ -35,6 +35,7 @@ from persona_ops.models import LoadedModel
 AGGREGATES = ("prompt_avg", "response_avg", "prompt_last")
 ALL_AGGREGATES = AGGREGATES + ("none",)
 _NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
+_PENDING_BYTES = 256 * 2**20  # device-held aggregates before a copy to the host
 
 
 class _StopForward(Exception):
@@ -111,6 +112,16 @@ class _ShardWriter:
         os.replace(tmp, path)
         self.paths.append(path)
         self.buf, self.rows = {}, 0
+
+
+def _flush(pending: list[tuple[list[int], dict[str, torch.Tensor]]], means: dict[str, torch.Tensor]) -> None:
+    """Copy the pending per-batch aggregates to the host result, in input order."""
+    if not pending:
+        return
+    idx = torch.tensor([i for chunk, _ in pending for i in chunk])
+    for name in means:
+        means[name][idx] = torch.cat([out[name] for _, out in pending]).cpu()
+    pending.clear()
 
 
 def load_token_rows(shards: Sequence[Path], layer: int) -> dict[str, torch.Tensor]:
@@ -265,6 +276,8 @@ def capture_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], ans
     writer = _ShardWriter(Path(shard_dir), layer_list, shard_tokens) if "none" in aggregates else None
     lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
     pad = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+    pending: list[tuple[list[int], dict[str, torch.Tensor]]] = []
+    pending_bytes = 0
     with contextlib.ExitStack() as stack:
         for h in _install_hooks(loaded, col):
             stack.callback(h.remove)
@@ -274,12 +287,16 @@ def capture_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], ans
                           leave=False, disable=not progress):
             rows = _run_batch(loaded, col, chunk, prompt_ids, answer_ids, lengths, pad, avg_names,
                               want_rows=writer is not None)
-            idx = torch.tensor(chunk)
-            for a, t in col.out.items():
-                result.means[a][idx] = t.cpu()
+            # aggregates stay on the device for a while: fewer host syncs, bounded memory
+            pending.append((chunk, col.out))
+            pending_bytes += sum(t.numel() * 4 for t in col.out.values())
+            if pending_bytes > _PENDING_BYTES:
+                _flush(pending, result.means)
+                pending_bytes = 0
             if writer is not None:
                 writer.add(rows)
             result.num_tokens += sum(lengths[i] for i in chunk)
+        _flush(pending, result.means)
     if writer is not None:
         writer.flush()
         result.shards = writer.paths

@@ -25,7 +25,7 @@ app.add_typer(vectors_app, name="vectors")
 
 INPUT_ERROR_MARK = "persona-ops: input error:"
 SET_HELP = "Override a parameter of params.yaml, e.g. -S generate.max_new_tokens=32 (repeatable)."
-PIPELINES = ("persona-vectors", "persona-space", "trajectory")
+PIPELINES = ("persona-vectors", "steering-sweep", "projection", "persona-space", "trajectory")
 
 
 def _fail(e: Exception) -> None:
@@ -60,7 +60,8 @@ def run(pipeline: str = typer.Argument(..., help=f"Pipeline to run: {', '.join(P
 @app.command()
 def stage(name: str = typer.Argument(..., help="Stage name (see dvc.yaml): generate, judge, activations, vectors, "
                                                "finetune, role_transcripts, role_judge, role_activations, "
-                                               "persona_space, checkpoint_activations, trajectory."),
+                                               "persona_space, checkpoint_activations, trajectory, "
+                                               "steering_sweep, projection."),
           item: Optional[str] = typer.Option(None, "--item", "--trait", "-t",
                                              help="Trait name or checkpoint label, for stages that run per item."),
           set_: list[str] = typer.Option([], "--set", "-S", help=SET_HELP + " Not written anywhere."),

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from persona_ops.errors import InputError
 from persona_ops.io import write_text
 from persona_ops.pipelines.finetune import FinetuneParams
+from persona_ops.pipelines.monitoring import ProjectionParams, SteeringParams
 from persona_ops.pipelines.persona_space import PersonaSpaceParams
 
 
@@ -85,7 +86,8 @@ class TrackingCfg(_Section):
 
 class Params(_Section):
     """All parameters (see params.yaml). The top-level sections up to ``tracking`` belong to the
-    persona-vector pipeline; ``persona_space`` and ``finetune`` to the persona-space/trajectory one."""
+    persona-vector pipeline; ``persona_space`` and ``finetune`` to the persona-space/trajectory one;
+    ``steering`` and ``projection`` to the sweep and monitoring stages."""
 
     model: ModelCfg = Field(default_factory=ModelCfg)
     traits: TraitsCfg = Field(default_factory=TraitsCfg)
@@ -96,6 +98,8 @@ class Params(_Section):
     tracking: TrackingCfg = Field(default_factory=TrackingCfg)
     persona_space: PersonaSpaceParams = Field(default_factory=PersonaSpaceParams)
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+    steering: SteeringParams = Field(default_factory=SteeringParams)
+    projection: ProjectionParams = Field(default_factory=ProjectionParams)
 
     @model_validator(mode="after")
     def _per_trait_known(self) -> "Params":

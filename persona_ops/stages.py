@@ -15,11 +15,21 @@ from pydantic import BaseModel
 
 from persona_ops.config import Params, load_params
 from persona_ops.pipelines import finetune as ft
+from persona_ops.pipelines import monitoring as mon
 from persona_ops.pipelines import persona_space as ps
 from persona_ops.pipelines import persona_vectors as pv
 
 ITEM = "${item}"
-PIPELINES = ("persona-vectors", "persona-space", "trajectory")
+_PV_STAGES = ("generate", "judge", "activations", "vectors")
+_PS_STAGES = ("finetune", "role_transcripts", "role_judge", "role_activations", "persona_space")
+PIPELINE_STAGES = {  # what each flow runs, in order (DVC skips what is up to date)
+    "persona-vectors": _PV_STAGES,
+    "steering-sweep": _PV_STAGES + ("steering_sweep",),
+    "projection": _PV_STAGES + ("finetune", "projection"),
+    "persona-space": _PS_STAGES,
+    "trajectory": _PS_STAGES + ("checkpoint_activations", "trajectory"),
+}
+PIPELINES = tuple(PIPELINE_STAGES)
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,12 @@ SPECS: tuple[StageSpec, ...] = (
               deps=(_p("activations"), "persona_ops/vectors.py"),
               params=(_PER_TRAIT,),
               outs=(_p("vectors"),)),
+    StageSpec("steering_sweep", pipeline="steering-sweep", config=lambda params, item: params,
+              run=lambda c, item, root: mon.steering_sweep(c, item, root), foreach="steering.traits",
+              deps=(f"${{traits.dir}}/eval/{ITEM}.json", _p("vectors"), "persona_ops/pipelines/monitoring.py",
+                    "persona_ops/engine.py", "persona_ops/interventions.py"),
+              params=("model", "judge", "steering"),
+              outs=(f"{mon.SWEEP_OUT}/{ITEM}",)),
     StageSpec("finetune", run=lambda c, item, root: ft.finetune(c, root), **_FT,
               deps=("${finetune.dataset}", "persona_ops/training.py", "persona_ops/pipelines/finetune.py"),
               params=("finetune",),
@@ -121,18 +137,19 @@ SPECS: tuple[StageSpec, ...] = (
               deps=(f"{_PS_OUT}/persona_space.safetensors", f"{_PS_OUT}/checkpoints", _PS_CODE),
               params=_PS_PARAMS + ("persona_space.vectors", "persona_space.trajectory"),
               outs=(f"{_PS_OUT}/trajectory",)),
+    StageSpec("projection", pipeline="projection", config=lambda params, item: params.projection,
+              run=lambda c, item, root: mon.projection(c, root),
+              # the default inputs and vectors live under these; list other input files here too
+              deps=(str(pv.OUT), "${finetune.out}", "persona_ops/projection.py"),
+              params=("projection",),
+              outs=("${projection.out}",)),
 )
 STAGES = {s.name: s for s in SPECS}
 
 
 def pipeline_stages(pipeline: str) -> list[StageSpec]:
-    """The stages a pipeline's flow runs, in order (``trajectory`` includes ``persona-space``)."""
-    wanted = {"persona-vectors": ("persona-vectors",), "persona-space": ("trajectory", "persona-space"),
-              "trajectory": ("trajectory", "persona-space")}[pipeline]
-    specs = [s for s in SPECS if s.pipeline in wanted]
-    if pipeline == "persona-space":  # the space needs the fine-tune only for its reference model
-        specs = [s for s in specs if s.name not in ("checkpoint_activations", "trajectory")]
-    return specs
+    """The stages a pipeline's flow runs, in order."""
+    return [STAGES[name] for name in PIPELINE_STAGES[pipeline]]
 
 
 def stage_items(spec: StageSpec, params: Params) -> list[str | None]:
@@ -141,6 +158,8 @@ def stage_items(spec: StageSpec, params: Params) -> list[str | None]:
         return [None]
     if spec.foreach == "traits.names":
         return list(params.traits.names)
+    if spec.foreach == "steering.traits":
+        return list(params.steering.traits)
     return [c.label for c in params.persona_space.trajectory.checkpoints]
 
 

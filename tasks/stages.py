@@ -41,8 +41,10 @@ def validate_inputs(root: str, overrides: list[str], pipeline: str) -> dict:
 
     rootp = Path(root)
     params = load_params(rootp / "params.yaml", overrides)
-    if pipeline == "persona-vectors":
+    if pipeline in ("persona-vectors", "steering-sweep", "projection"):
         load_traits(rootp / params.traits.dir, params.traits.names, split=params.traits.extract_subdir)
+        if pipeline == "steering-sweep":
+            load_traits(rootp / params.traits.dir, params.steering.traits, split="eval")
     else:
         ps = params.persona_space
         paths = [rootp / ps.roles.dir, rootp / ps.roles.questions, rootp / params.finetune.dataset]

@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from persona_ops.activations import (AGGREGATES, capture_tokens, load_token_rows, plan_batches)
+from persona_ops import activations
+from persona_ops.activations import AGGREGATES, capture_tokens, load_token_rows, plan_batches
 from persona_ops.errors import InputError
 from persona_ops.models import LoadedModel, tiny_model
 
@@ -52,7 +53,8 @@ def _reference(model: LoadedModel, p: list[int], a: list[int]) -> dict[str, torc
 
 
 @pytest.mark.parametrize("layers", [[0, 2, NUM_LAYERS], [1, 2]], ids=["subset+final-norm", "early-stop"])
-def test_capture_equals_per_sample_reference(model, layers, tmp_path):
+def test_capture_equals_per_sample_reference(model, layers, tmp_path, monkeypatch):
+    monkeypatch.setattr(activations, "_PENDING_BYTES", 1)  # copy to the host after every batch
     prompts, answers = _samples(9)
     res = capture_tokens(model, prompts, answers, layers=layers, aggregates=AGGREGATES + ("none",),
                          token_budget=40, shard_dir=tmp_path, shard_tokens=30, progress=False)

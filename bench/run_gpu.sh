@@ -16,7 +16,7 @@ run() {  # name, args...
   timeout "${BENCH_TIMEOUT:-300}" python3 -m "$@" 2>&1 | grep -v "Loading weights" | tee "$OUT/$name.log"
   tail -n 1 "$OUT/$name.log" | grep '^{' >> "$OUT/results.jsonl" || echo "!! $name produced no JSON"
 }
-run generate-qwen3 bench.generate --device cuda --model-shape qwen3-4b --profile
+run generate-qwen3 bench.generate --device cuda --model-shape qwen3-4b
 run generate-olmo2 bench.generate --device cuda --model-shape olmo2-7b --sweep 4 --profile
 run capture-olmo2 bench.capture --device cuda --model-shape olmo2-7b
 run capture-qwen3 bench.capture --device cuda --model-shape qwen3-4b

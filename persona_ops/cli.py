@@ -139,12 +139,24 @@ def serve_model(model: str = typer.Option("embedded", help="embedded | HF id[@re
                 host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default)."),
                 port: int = typer.Option(8000, help="Port."),
                 dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
-                device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N.")) -> None:
-    """Serve a local model over an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
+                device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+                vector: list[str] = typer.Option([], help="NAME=FILE: a vector file requests can steer with "
+                                                          "(extra_body={'steering': [{'vector': NAME, 'layer': L, 'coef': C}]})."),
+                adapter: list[str] = typer.Option([], help="NAME=DIR: a LoRA adapter checkpoint requests can "
+                                                           "select (extra_body={'adapter': NAME}).")) -> None:
+    """Serve a local model over an OpenAI-compatible API (/v1/chat/completions, /v1/models),
+    with per-request steering and LoRA adapters."""
     from persona_ops.server import serve
 
+    def pairs(items: list[str], what: str) -> dict[str, str]:
+        bad = [x for x in items if "=" not in x]
+        if bad:
+            _fail(InputError(f"--{what} {bad[0]!r}: expected NAME=PATH"))
+        return dict(x.split("=", 1) for x in items)
+
     try:
-        serve(model=model, revision=revision, host=host, port=port, dtype=dtype, device=device)
+        serve(model=model, revision=revision, host=host, port=port, dtype=dtype, device=device,
+              vectors=pairs(vector, "vector"), adapters=pairs(adapter, "adapter"))
     except InputError as e:
         _fail(e)
 

@@ -12,6 +12,13 @@ and top-p (the model's own distribution).
 
 Requests are served one at a time (the model is not thread-safe). All sampling is in
 ``sample_chat``, which a faster engine can replace.
+
+Persona-ops extensions (send them with the openai client's ``extra_body``):
+
+- ``steering``: a list of ``{vector, layer, kind: add|ablate|cap, coef, tau, positions}``;
+  ``vector`` names a vector the server was started with (``--vector NAME=FILE``), ``layer``
+  is a hidden_states index (the output of block ``layer-1`` is edited).
+- ``adapter``: the name of a LoRA adapter the server was started with (``--adapter NAME=DIR``).
 """
 
 from __future__ import annotations
@@ -87,13 +94,23 @@ def _choose(logits: torch.Tensor, temperature: float, top_p: float,
 @torch.inference_mode()
 def sample_chat(loaded: LoadedModel, messages: list[dict], *, max_tokens: int = DEFAULT_MAX_TOKENS,
                 temperature: float = 1.0, top_p: float = 1.0, n: int = 1, seed: int | None = None,
-                top_logprobs: int = 0, stop: list[str] | None = None
+                top_logprobs: int = 0, stop: list[str] | None = None, interventions=()
                 ) -> tuple[list[GeneratedChoice], int]:
     """Sample ``n`` completions of a chat; return them and the number of prompt tokens.
 
     The ``n`` rows share one prompt (no padding) and one KV cache; a row stops at an
     end-of-sequence token, at a ``stop`` string (cut before it) or after ``max_tokens``.
+    ``interventions`` (``persona_ops.interventions.Intervention``) steer prefill and decoding.
     """
+    if interventions:
+        from persona_ops.interventions import Steerer
+
+        with Steerer(loaded.layers, interventions) as steerer:
+            return _sample(loaded, messages, max_tokens, temperature, top_p, n, seed, top_logprobs, stop, steerer)
+    return _sample(loaded, messages, max_tokens, temperature, top_p, n, seed, top_logprobs, stop, None)
+
+
+def _sample(loaded, messages, max_tokens, temperature, top_p, n, seed, top_logprobs, stop, steerer):
     model, tokenizer = loaded.model, loaded.tokenizer
     prompt = chat_token_ids(tokenizer, messages)
     context = getattr(model.config, "max_position_embeddings", None) or 10 ** 9
@@ -109,7 +126,14 @@ def sample_chat(loaded: LoadedModel, messages: list[dict], *, max_tokens: int = 
     choices = [GeneratedChoice() for _ in range(n)]
     done = [False] * n
     cache_arg = _cache_kwarg(model)
+    if steerer is not None:  # prefill: every prompt position; the last one predicts the response
+        prompt_mask = torch.ones(n, len(prompt), dtype=torch.bool)
+        response_mask = torch.zeros_like(prompt_mask)
+        response_mask[:, -1] = True
+        steerer.set_positions(prompt_mask, response_mask)
     out = model(input_ids=torch.tensor([prompt] * n, device=device), use_cache=True, logits_to_keep=1)
+    if steerer is not None:
+        steerer.set_decode()
     for _ in range(budget):
         logits = out.logits[:, -1]
         logp = torch.log_softmax(logits.float(), dim=-1)
@@ -224,6 +248,18 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
 
 
+class SteeringRequest(BaseModel):
+    """One intervention of a request (persona-ops extension)."""
+
+    model_config = ConfigDict(extra="forbid")
+    vector: str
+    layer: int = Field(ge=1)
+    kind: Literal["add", "ablate", "cap"] = "add"
+    coef: float = 1.0
+    tau: float = 0.0
+    positions: Literal["prompt", "response", "all"] = "response"
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # e.g. "user": accepted and ignored
     model: str | None = None
@@ -238,6 +274,8 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     stop: str | list[str] | None = Field(None)
     stream: bool = False
+    steering: list[SteeringRequest] = Field(default_factory=list)
+    adapter: str | None = None
 
 
 def _error(status: int, message: str, param: str | None = None,
@@ -247,9 +285,15 @@ def _error(status: int, message: str, param: str | None = None,
                         content={"error": {"message": message, "type": kind, "param": param, "code": None}})
 
 
-def create_app(loaded: LoadedModel) -> FastAPI:
-    """A FastAPI app serving ``loaded`` under ``/v1`` (models, chat completions)."""
+def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict | None = None) -> FastAPI:
+    """A FastAPI app serving ``loaded`` under ``/v1`` (models, chat completions).
+
+    ``vectors``: name -> ``[num_layers + 1, hidden]`` tensor usable in ``steering``;
+    ``adapters``: name -> LoRA checkpoint directory usable as ``adapter``.
+    """
     app = FastAPI(title="persona-ops model server")
+    vectors, adapters = dict(vectors or {}), dict(adapters or {})
+    current = {"adapter": None, "model": loaded}  # the adapter applied now (switched per request)
     lock = threading.Lock()
     token_bytes = TokenBytes(loaded.tokenizer)
     created = int(time.time())
@@ -284,9 +328,24 @@ def create_app(loaded: LoadedModel) -> FastAPI:
         if len(stop) > 4:
             return _error(400, "stop: at most 4 sequences", "stop")
         top_k = (req.top_logprobs or 0) if req.logprobs else 0
+        if req.adapter is not None and req.adapter not in adapters:
+            return _error(400, f"adapter {req.adapter!r} unknown; served: {sorted(adapters)}", "adapter")
+        interventions = []
+        for i, st in enumerate(req.steering):
+            if st.vector not in vectors:
+                return _error(400, f"steering[{i}].vector {st.vector!r} unknown; served: {sorted(vectors)}",
+                              f"steering.{i}.vector")
+            if st.layer >= vectors[st.vector].shape[0]:
+                return _error(400, f"steering[{i}].layer {st.layer}: expected 1..{vectors[st.vector].shape[0] - 1}",
+                              f"steering.{i}.layer")
+            from persona_ops.interventions import Intervention
+
+            interventions.append(Intervention(st.kind, st.layer, vectors[st.vector][st.layer], coef=st.coef,
+                                              tau=st.tau, positions=st.positions))
         with lock:
+            model = _switch_adapter(current, loaded, adapters, req.adapter)
             choices, prompt_tokens = sample_chat(
-                loaded, [m.as_dict() for m in req.messages],
+                model, [m.as_dict() for m in req.messages], interventions=interventions,
                 max_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
                 temperature=req.temperature, top_p=req.top_p, n=req.n, seed=req.seed,
                 top_logprobs=top_k, stop=stop)
@@ -305,6 +364,17 @@ def create_app(loaded: LoadedModel) -> FastAPI:
     return app
 
 
+def _switch_adapter(current: dict, base: LoadedModel, adapters: dict, name: str | None) -> LoadedModel:
+    """The model for a request: the base, or the base with adapter ``name`` (loaded on change)."""
+    if current["adapter"] != name:
+        from persona_ops.training import load_adapter_checkpoint, unload_adapter
+
+        plain = unload_adapter(current["model"]) if current["adapter"] else base
+        current["model"] = load_adapter_checkpoint(plain, adapters[name]) if name else plain
+        current["adapter"] = name
+    return current["model"]
+
+
 def _choice_json(index: int, choice: GeneratedChoice, logprobs: bool, top_k: int,
                  token_bytes: TokenBytes) -> dict:
     content = None
@@ -319,11 +389,20 @@ def _choice_json(index: int, choice: GeneratedChoice, logprobs: bool, top_k: int
 
 
 def serve(model: str = EMBEDDED, revision: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          dtype: str = "auto", device: str = "auto") -> None:
-    """Load ``model`` and serve it with uvicorn at ``http://host:port/v1`` until interrupted."""
+          dtype: str = "auto", device: str = "auto", vectors: dict[str, str] | None = None,
+          adapters: dict[str, str] | None = None, aggregate: str = "response_avg") -> None:
+    """Load ``model`` (and the named vector files' ``aggregate`` tensors) and serve it with
+    uvicorn at ``http://host:port/v1`` until interrupted."""
     import uvicorn
 
     from persona_ops.models import load_model
+    from persona_ops.vectors import load_vectors
 
+    tensors = {}
+    for name, path in (vectors or {}).items():
+        vecs, _ = load_vectors(path)
+        if aggregate not in vecs:
+            raise InputError(f"{path}: no {aggregate!r} tensor (has {sorted(vecs)})")
+        tensors[name] = vecs[aggregate]
     loaded = load_model(model, revision=revision, dtype=dtype, device=device)
-    uvicorn.run(create_app(loaded), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(loaded, tensors, adapters), host=host, port=port, log_level="info")

@@ -30,9 +30,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server_url(tiny_loaded):
     """uvicorn serving the tiny model on a free 127.0.0.1 port, in a background thread."""
+    yield from _serve(create_app(tiny_loaded))
+
+
+def _serve(app):
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(tiny_loaded), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}/v1"
@@ -158,3 +161,53 @@ def test_openai_judge_against_server(client, server_url, tiny_loaded, monkeypatc
         assert score is not None and 0 <= score <= 100
         assert len(top) == 20 and set(probs) <= set(range(10))
         assert score == pytest.approx(aggregate_token_logprobs([(t.token, t.logprob) for t in top]), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def steer_client(smol_tokenizer, tmp_path_factory):
+    """A server with a named vector and a LoRA adapter, on its own tiny model."""
+    from peft import LoraConfig, get_peft_model
+
+    from persona_ops.models import LoadedModel, tiny_model
+
+    model = tiny_model("llama", num_layers=3, hidden=64, vocab_tokenizer=smol_tokenizer, seed=1)
+    adapter_dir = tmp_path_factory.mktemp("adapter")
+    peft_model = get_peft_model(tiny_model("llama", num_layers=3, hidden=64, vocab_tokenizer=smol_tokenizer, seed=1),
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(adapter_dir)
+    loaded = LoadedModel(model=model, tokenizer=smol_tokenizer, label="tiny-steer")
+    vec = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 20
+    app = create_app(loaded, vectors={"evil": vec}, adapters={"pirate": str(adapter_dir)})
+    for url in _serve(app):
+        with openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30) as c:
+            yield c
+
+
+def _ask(client, **extra):
+    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
+                                          logprobs=True, extra_body=extra or None)
+    return resp.choices[0].message.content, [t.logprob for t in resp.choices[0].logprobs.content]
+
+
+def test_steered_request_from_the_openai_client(steer_client):
+    plain = _ask(steer_client)
+    assert _ask(steer_client, steering=[{"vector": "evil", "layer": 2, "coef": 0.0}]) == plain  # coef 0 = unsteered
+    steered = _ask(steer_client, steering=[{"vector": "evil", "layer": 2, "coef": 8.0}])
+    assert steered != plain
+    both = _ask(steer_client, steering=[{"vector": "evil", "layer": 2, "coef": 8.0},
+                                        {"vector": "evil", "layer": 3, "kind": "ablate", "coef": 1.0}])
+    assert both != steered  # interventions compose
+    with pytest.raises(openai.BadRequestError, match="unknown"):
+        _ask(steer_client, steering=[{"vector": "kind", "layer": 2}])
+    with pytest.raises(openai.BadRequestError, match="layer"):
+        _ask(steer_client, steering=[{"vector": "evil", "layer": 4}])
+
+
+def test_adapter_per_request(steer_client):
+    plain = _ask(steer_client)
+    adapted = _ask(steer_client, adapter="pirate")
+    assert adapted[1] != plain[1]  # the adapter changes the distribution
+    assert _ask(steer_client) == plain  # and is removed again for a plain request
+    assert _ask(steer_client, adapter="pirate") == adapted
+    with pytest.raises(openai.BadRequestError, match="adapter"):
+        _ask(steer_client, adapter="nope")

@@ -45,7 +45,7 @@ def reference_capture(loaded, seqs: list[list[int]]) -> torch.Tensor:
 
 def main() -> None:
     def extra(ap):
-        ap.add_argument("--n", type=int, default=None, help="sequences (default 128 on cuda, 32 on cpu)")
+        ap.add_argument("--n", type=int, default=None, help="sequences (default 128 on cuda, 24 on cpu)")
         ap.add_argument("--budgets", default=None, help="comma-separated token budgets to sweep")
         ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 4 cuda, 2 cpu)")
         ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -53,7 +53,7 @@ def main() -> None:
 
     args = parse_args(__doc__.splitlines()[0], extra)
     dev = args.device
-    n = args.n or (128 if dev == "cuda" else 32)
+    n = args.n or (128 if dev == "cuda" else 24)
     budgets = [int(b) for b in (args.budgets or ("8192,16384" if dev == "cuda" else "512,2048")).split(",")]
     rounds = args.rounds or (4 if dev == "cuda" else 2)
     loaded = build_model(args.model_shape, dev)

@@ -150,11 +150,19 @@ def _first_error(e: ValidationError) -> str:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a","b","c"], yaml-parsed value)."""
+    """``a.b.c=value`` -> (["a","b","c"], yaml-parsed value); ``a.b=@file.yaml`` reads the value
+    from a YAML file (e.g. a trajectory preset)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise InputError(f"-S {text!r}: expected key=value, e.g. -S generate.max_new_tokens=32")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    value = value.strip()
+    if value.startswith("@"):
+        path = Path(value[1:])
+        try:
+            return key.strip().split("."), yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise InputError(f"-S {text!r}: cannot read {path}: {e}") from None
+    return key.strip().split("."), yaml.safe_load(value) if value else None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -146,10 +146,18 @@ class _DecodeStep:
             try:
                 self._capture()
                 STATS["graph_captures"] += 1
-            except Exception as e:  # capture is an optimisation: fall back to eager steps
-                log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
+            except Exception as e:  # an optimisation: retry uncompiled, then decode eagerly
+                log.warning("CUDA graph capture failed (%s: %s)", type(e).__name__, e)
                 STATS["graph_fallbacks"] += 1
                 self.graph = None
+                if self.blocks:
+                    self.blocks = ()
+                    try:
+                        self._capture()
+                        STATS["graph_captures"] += 1
+                    except Exception as e2:
+                        log.warning("CUDA graph capture failed again (%s); decoding eagerly", e2)
+                        self.graph = None
 
     def _forward(self) -> torch.Tensor:
         self.bias.index_fill_(-1, self.store.slot, 0.0)  # the new token's column becomes visible

@@ -57,3 +57,15 @@ def test_save_params_keeps_header_and_adds_missing_traits(tmp_path):
     data = yaml.safe_load(text)
     assert data["traits"]["per_trait"]["humorous"] == {"assistant_name": "humorous"}
     assert load_params(path).traits.names == ["evil", "humorous"]
+
+
+def test_override_from_a_preset_file():
+    p = load_params(ROOT / "params.yaml", [
+        f"persona_space.trajectory=@{ROOT}/presets/trajectories/olmo2-7b-post-training.yaml",
+        f"persona_space.model=@{ROOT}/presets/trajectories/olmo2-7b-reference.yaml"])
+    labels = [c.label for c in p.persona_space.trajectory.checkpoints]
+    assert labels[:3] == ["base", "sft", "dpo"] and labels[-1] == "instruct" and len(labels) == 10
+    assert p.persona_space.trajectory.checkpoints[3].model.revision == "step_60"
+    assert p.persona_space.model.name == "allenai/OLMo-2-1124-7B-Instruct"
+    with pytest.raises(InputError, match="cannot read"):
+        load_params(ROOT / "params.yaml", ["persona_space.trajectory=@/nonexistent.yaml"])

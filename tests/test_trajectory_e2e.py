@@ -59,12 +59,15 @@ def repro(project):
 def test_trajectory_outputs(project, repro):
     base = project / "outputs/persona_space"
     records = [json.loads(line) for line in (base / "trajectory/trajectory.jsonl").read_text().splitlines()]
-    assert [r["label"] for r in records] == ["base", "step-2", "step-4"]
+    assert [r["checkpoint"] for r in records] == ["base", "step-2", "step-4"]
     for png in ("pc_scatter.png", "axis_projection.png", "pc_coordinates.png", "default_path.png"):
         assert (base / "trajectory" / png).read_bytes()[:4] == b"\x89PNG"
     metrics = json.loads((base / "persona_space.metrics.json").read_text())
     assert metrics["n_roles"] == 3 and len(metrics["axis_pc1_cos_per_layer"]) == 31
     assert all(isinstance(r["default"]["axis"], float) for r in records)
+    # step-4 is the reference model: replaying its own transcripts gives the reference axis back
+    assert records[-1]["axis_cos_reference"] == pytest.approx(1.0, abs=1e-4)
+    assert records[0]["axis_cos_reference"] < 1.0 - 1e-6
     manifest = json.loads((project / "outputs/finetune/pirate/manifest.json").read_text())
     assert [c["step"] for c in manifest["checkpoints"]] == [2, 4]
 

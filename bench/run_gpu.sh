@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # All GPU benchmarks in one go (one device call): capture and steered generation for the
 # OLMo-2-7B and Qwen3-4B shapes, each side by side with its reference. Logs and the final
-# JSON lines go to ${OUT:-bench/out}.
+# JSON lines go to ${OUT:-/tmp/persona-ops-bench}.
 set -u
-OUT=${OUT:-bench/out}
+OUT=${OUT:-/tmp/persona-ops-bench}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$(pwd)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c \

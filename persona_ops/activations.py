@@ -246,7 +246,7 @@ def _run_batch(loaded: LoadedModel, col: _Collector, chunk: list[int], prompt_id
 @torch.inference_mode()
 def capture_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]],
                    layers: Sequence[int] | None = None, aggregates: Sequence[str] = AGGREGATES,
-                   token_budget: int = 16384, max_batch: int = 1024, shard_dir: Path | str | None = None,
+                   token_budget: int = 8192, max_batch: int = 1024, shard_dir: Path | str | None = None,
                    shard_tokens: int = 65536, desc: str = "activations", progress: bool = True,
                    compile_blocks: bool = False) -> CaptureResult:
     """Capture activations of ``prompt + answer`` token sequences.

@@ -23,8 +23,8 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from persona_ops.errors import InputError
 from persona_ops.io import write_text
+from persona_ops.judge.settings import JudgeCfg
 from persona_ops.pipelines.finetune import FinetuneParams
 from persona_ops.pipelines.monitoring import ProjectionParams, SteeringParams
 from persona_ops.pipelines.persona_space import PersonaSpaceParams
@@ -50,20 +51,6 @@ class GenerateCfg(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(32, ge=1)
     seed: int = 0
-
-
-class JudgeCfg(_Section):
-    backend: Literal["local", "openai"] = "local"
-    model: str = "embedded"
-    revision: str | None = None
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    max_concurrency: int = Field(16, ge=1)
-    max_retries: int = Field(5, ge=0)
-    timeout: float = Field(60.0, gt=0)
-    batch_size: int = Field(8, ge=1)
-    answer_prefix: str = ""  # local backend only: prefilled answer text before the number
-    cache: str = "cache/judge.sqlite"
 
 
 class FilterCfg(_Section):

@@ -15,13 +15,6 @@ from persona_ops.models import LoadedModel, tiny_model
 NUM_LAYERS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core host thread barriers stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3", "olmo2"])

@@ -15,13 +15,6 @@ PROMPTS = [[5, 9, 11, 40], [17, 3, 99, 100, 101, 7, 250, 31], [8], [300, 301]]
 GREEDY = SamplingParams(max_new_tokens=7, temperature=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core host thread barriers stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _loaded(arch: str, seed: int = 0) -> LoadedModel:

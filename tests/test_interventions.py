@@ -12,13 +12,6 @@ from persona_ops.interventions import Intervention, Steerer, ablate, add, cap, t
 from persona_ops.models import LoadedModel, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core host thread barriers stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class _Block(torch.nn.Module):

@@ -6,7 +6,6 @@ import yaml
 from typer.testing import CliRunner
 
 from persona_ops.cli import app
-from persona_ops.config import load_params
 from persona_ops.stages import SPECS, dvc_yaml
 
 ROOT = Path(__file__).resolve().parents[1]

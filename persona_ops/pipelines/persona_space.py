@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from persona_ops.data import DEFAULT_ROLE, Role, load_questions, load_role
 from persona_ops.errors import InputError
+from persona_ops.judge.settings import JudgeCfg
 from persona_ops.io import provenance, read_json, read_jsonl, write_json, write_jsonl
 
 OUT = Path("outputs/persona_space")
@@ -78,22 +79,6 @@ class TranscriptsCfg(_Section):
     resume: bool = True
 
 
-class RoleJudgeCfg(_Section):
-    """Judge settings (same fields as ``persona_ops.config.JudgeCfg``)."""
-
-    backend: Literal["local", "openai"] = "local"
-    model: str = "embedded"
-    revision: str | None = None
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    max_concurrency: int = Field(16, ge=1)
-    max_retries: int = Field(5, ge=0)
-    timeout: float = Field(60.0, gt=0)
-    batch_size: int = Field(8, ge=1)
-    answer_prefix: str = ""
-    cache: str = "cache/judge.sqlite"
-
-
 class RoleActivationsCfg(_Section):
     layers: list[int] | None = None  # None = [space.layer] (the middle layer when that is None)
     all_layers: bool = False
@@ -130,7 +115,7 @@ class PersonaSpaceParams(_Section):
     model: ModelRef = Field(default_factory=ModelRef)
     roles: RolesCfg = Field(default_factory=RolesCfg)
     transcripts: TranscriptsCfg = Field(default_factory=TranscriptsCfg)
-    judge: RoleJudgeCfg = Field(default_factory=RoleJudgeCfg)
+    judge: JudgeCfg = Field(default_factory=JudgeCfg)
     activations: RoleActivationsCfg = Field(default_factory=RoleActivationsCfg)
     vectors: RoleVectorsCfg = Field(default_factory=RoleVectorsCfg)
     space: SpaceCfg = Field(default_factory=SpaceCfg)

@@ -6,14 +6,12 @@ None of them imports prefect, mlflow or dvc; ``persona_ops.stages`` wraps them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona_ops.chat import chat_messages, persona_system_prompt, render_prompt
 from persona_ops.config import TraitParams
 from persona_ops.data import load_trait
-from persona_ops.errors import InputError
 from persona_ops.io import provenance, read_jsonl, write_json, write_jsonl
 from persona_ops.models import load_model
 

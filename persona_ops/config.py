@@ -21,18 +21,11 @@ from persona_ops.io import write_text
 from persona_ops.judge.settings import JudgeCfg
 from persona_ops.pipelines.finetune import FinetuneParams
 from persona_ops.pipelines.monitoring import ProjectionParams, SteeringParams
-from persona_ops.pipelines.persona_space import PersonaSpaceParams
+from persona_ops.pipelines.persona_space import ModelRef, PersonaSpaceParams
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class ModelCfg(_Section):
-    name: str = "embedded"
-    revision: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
 
 
 class TraitsCfg(_Section):
@@ -76,7 +69,7 @@ class Params(_Section):
     persona-vector pipeline; ``persona_space`` and ``finetune`` to the persona-space/trajectory one;
     ``steering`` and ``projection`` to the sweep and monitoring stages."""
 
-    model: ModelCfg = Field(default_factory=ModelCfg)
+    model: ModelRef = Field(default_factory=ModelRef)
     traits: TraitsCfg = Field(default_factory=TraitsCfg)
     generate: GenerateCfg = Field(default_factory=GenerateCfg)
     judge: JudgeCfg = Field(default_factory=JudgeCfg)

@@ -46,3 +46,31 @@ def embedded():
     from persona_ops.models import load_model
 
     return load_model("embedded")
+
+
+def copy_project(dst):
+    """A copy of what `dvc repro` needs (dvc.yaml, data, the code deps) in ``dst``, as a git + DVC repo."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for item in ("dvc.yaml", "data", "persona_ops"):
+        src = root / item
+        (shutil.copytree(src, dst / item, ignore=shutil.ignore_patterns("__pycache__"))
+         if src.is_dir() else shutil.copy(src, dst / item))
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    assert run_dvc(dst, "init", "-q").returncode == 0
+    return dst
+
+
+def run_dvc(project, *args, env=None, timeout=1500):
+    """``python -m dvc ARGS`` in ``project`` with this venv's executables on PATH."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, **(env or {}))
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=timeout)

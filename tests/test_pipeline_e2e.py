@@ -6,40 +6,31 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_project, run_dvc
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAITS = ["evil", "sycophantic"]
 pytestmark = pytest.mark.slow
 
 
-def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=900)
+def _dvc(project: Path, *args: str):
+    return run_dvc(project, *args)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A copy of the project (code deps, data, dvc.yaml) with a tiny configuration."""
     proj = tmp_path_factory.mktemp("proj")
-    for item in ("dvc.yaml", "data", "persona_ops"):
-        src = ROOT / item
-        (shutil.copytree(src, proj / item, ignore=shutil.ignore_patterns("__pycache__"))
-         if src.is_dir() else shutil.copy(src, proj / item))
+    copy_project(proj)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["traits"]["names"] = TRAITS
     params["traits"]["per_trait"] = {t: {"assistant_name": t} for t in TRAITS}
     params["generate"].update(questions_limit=1, max_new_tokens=12)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
-    assert _dvc(proj, "init", "-q").returncode == 0
     return proj
 
 

@@ -5,33 +5,24 @@ then MLflow holds the persona space and the adapter, and a second `dvc repro` do
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_project, run_dvc
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
-               MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db")
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=1500)
+def _dvc(project: Path, *args: str):
+    return run_dvc(project, *args, env={"MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db"})
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     proj = tmp_path_factory.mktemp("traj")
-    for item in ("dvc.yaml", "data", "persona_ops"):
-        src = ROOT / item
-        (shutil.copytree(src, proj / item, ignore=shutil.ignore_patterns("__pycache__"))
-         if src.is_dir() else shutil.copy(src, proj / item))
+    copy_project(proj)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     ft = params["finetune"]
     ft["train"].update(max_steps=4, save_every=2, limit=8)
@@ -44,8 +35,6 @@ def project(tmp_path_factory):
         {"label": "step-2", "step": 2, "model": {"name": "embedded", "adapter": f"{ft['out']}/checkpoint-2"}},
         {"label": "step-4", "step": 4, "model": {"name": "embedded", "adapter": f"{ft['out']}/checkpoint-4"}}]
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
-    assert _dvc(proj, "init", "-q").returncode == 0
     return proj
 
 

@@ -47,7 +47,8 @@ class _Section(BaseModel):
 
 
 class ModelRef(_Section):
-    """A model to load (same fields as ``persona_ops.config.ModelCfg``)."""
+    """A model to load: ``embedded``, an HF id[@revision] or a local directory, optionally with a
+    LoRA adapter checkpoint on top. Used by every pipeline (``model`` sections of params.yaml)."""
 
     name: str = "embedded"
     revision: str | None = None

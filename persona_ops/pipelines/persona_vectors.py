@@ -13,7 +13,6 @@ from persona_ops.chat import chat_messages, persona_system_prompt, render_prompt
 from persona_ops.config import TraitParams
 from persona_ops.data import load_trait
 from persona_ops.io import provenance, read_jsonl, write_json, write_jsonl
-from persona_ops.models import load_model
 
 OUT = Path("outputs/persona_vectors")
 METRICS = Path("metrics/persona_vectors")
@@ -43,8 +42,9 @@ def paths(root: Path, trait: str) -> dict[str, Path]:
 
 
 def _load(tp: TraitParams):
-    m = tp.params.model
-    return load_model(m.name, m.revision, dtype=m.dtype, device=m.device)
+    from persona_ops.pipelines.persona_space import _load_model
+
+    return _load_model(tp.params.model)
 
 
 def build_requests(tp: TraitParams, tokenizer, root: Path) -> list[dict]:

@@ -88,9 +88,9 @@ def test_flow_produces_registered_vectors(project, flow_result):
 
 
 def test_dvc_repro_after_the_flow_has_nothing_to_do(project, flow_result):
-    status = _dvc(project, "status", "--json")
+    status = _dvc(project, "status", "--json", "vectors")
     assert status.returncode == 0 and json.loads(status.stdout or "{}") == {}, status.stdout
-    out = _dvc(project, "repro")
+    out = _dvc(project, "repro", "vectors")
     assert out.returncode == 0, out.stderr
     assert "Running stage" not in out.stdout
 
@@ -99,15 +99,15 @@ def test_one_traits_parameter_reruns_only_that_trait(project, flow_result):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["traits"]["per_trait"]["evil"]["filter"] = {"coherence_min": 0.0}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = json.loads(_dvc(project, "status", "--json").stdout)
+    changed = json.loads(_dvc(project, "status", "--json", "vectors").stdout)
     assert changed and all(name.endswith("@evil") for name in changed), changed
-    out = _dvc(project, "repro")
+    out = _dvc(project, "repro", "vectors")
     assert out.returncode == 0, out.stderr
     running = [line for line in out.stdout.splitlines() if line.startswith("Running stage")]
     assert "Running stage 'judge@evil':" in running and all("@evil'" in line for line in running), running
     judge = json.loads((project / "metrics/persona_vectors/evil/judge.json").read_text())
     assert judge["judge_backend_calls"] == 0  # same answers: every judgement came from the cache
-    assert json.loads(_dvc(project, "status", "--json").stdout or "{}") == {}
+    assert json.loads(_dvc(project, "status", "--json", "vectors").stdout or "{}") == {}
 
 
 def test_too_few_pairs_stops_with_a_clear_message(project, flow_result):

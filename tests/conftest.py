@@ -21,6 +21,28 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _restore_mlflow_uris():
+    """MLflow keeps the tracking/registry URIs in module globals and mirrors them into the
+    environment (so subprocesses inherit them); a test that configures them must not leak them."""
+    import sys
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    env = {k: os.environ.get(k) for k in names}
+    yield
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._model_registry import utils as registry
+        from mlflow.tracking._tracking_service import utils as tracking
+
+        tracking._tracking_uri = env["MLFLOW_TRACKING_URI"]
+        registry._registry_uri = env["MLFLOW_REGISTRY_URI"]
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """The embedded model's real tokenizer (chat template included)."""

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -289,6 +290,7 @@ def test_start_server_serves_the_project_store(store, monkeypatch):
     env = {**os.environ, "PERSONA_OPS_ROOT": str(store), "MLFLOW_PORT": str(port)}
     env.pop("MLFLOW_HOST", None)
     env.pop("MLFLOW_TRACKING_URI", None)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     log = open(store / "server.log", "wb")
     proc = subprocess.Popen([str(REPO / "mlflow" / "start-server.sh")], env=env, cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -323,10 +325,11 @@ def test_start_server_serves_the_project_store(store, monkeypatch):
         assert tracking.load_registered_vector("evil", dst=store / "dl").read_bytes() == v2_bytes
         assert list((store / "mlruns" / eid / "models").glob("m-*/artifacts/evil.safetensors"))
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()

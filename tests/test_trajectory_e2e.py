@@ -62,11 +62,10 @@ def test_trajectory_outputs(project, repro):
 
 
 def test_registry_and_nothing_left_to_do(project, repro):
-    import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
-    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    uri = f"sqlite:///{project}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     space = client.get_model_version_by_alias("persona-space-smollm2-135m-instruct", "candidate")
     adapter = client.get_model_version_by_alias("lora-adapter-pirate", "candidate")
     assert space.tags["model"].endswith("checkpoint-4") and adapter.tags["sha256"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# All GPU benchmarks in one go (one device call): capture and steered generation for the
-# OLMo-2-7B and Qwen3-4B shapes, each side by side with its reference. Logs and the final
-# JSON lines go to ${OUT:-/tmp/persona-ops-bench}.
+# The GPU benchmarks: capture and steered generation for the OLMo-2-7B and Qwen3-4B shapes,
+# role transcripts + role capture for OLMo-2-7B, each side by side with its reference.
+# Logs and the final JSON lines go to ${OUT:-/tmp/persona-ops-bench}.
 set -u
 OUT=${OUT:-/tmp/persona-ops-bench}
 mkdir -p "$OUT"
@@ -9,17 +9,28 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=${PYTHONPATH:+
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c \
   'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'; } \
   2>&1 | tee "$OUT/env.txt"
-: > "$OUT/results.jsonl"
+: >> "$OUT/results.jsonl"
 run() {  # name, args...
   local name=$1; shift
   echo "=== $name $*"
-  timeout "${BENCH_TIMEOUT:-300}" python3 -m "$@" 2>&1 | grep -v "Loading weights" | tee "$OUT/$name.log"
+  timeout "${BENCH_TIMEOUT:-330}" python3 -m "$@" 2>&1 | grep -v "Loading weights" | tee "$OUT/$name.log"
   tail -n 1 "$OUT/$name.log" | grep '^{' >> "$OUT/results.jsonl" || echo "!! $name produced no JSON"
 }
-run generate-qwen3 bench.generate --device cuda --model-shape qwen3-4b
-run generate-olmo2 bench.generate --device cuda --model-shape olmo2-7b --sweep 4 --profile
-run capture-olmo2 bench.capture --device cuda --model-shape olmo2-7b
-run capture-qwen3 bench.capture --device cuda --model-shape qwen3-4b
+# which groups to run (default all; one device call is capped at 10 minutes, so split them):
+#   bash bench/run_gpu.sh generate capture  /  bash bench/run_gpu.sh transcripts
+for group in ${*:-generate capture transcripts}; do
+  case $group in
+    generate)
+      run generate-qwen3 bench.generate --device cuda --model-shape qwen3-4b
+      run generate-olmo2 bench.generate --device cuda --model-shape olmo2-7b --sweep 4 --profile ;;
+    capture)
+      run capture-olmo2 bench.capture --device cuda --model-shape olmo2-7b
+      run capture-qwen3 bench.capture --device cuda --model-shape qwen3-4b ;;
+    transcripts)
+      run transcripts-olmo2 bench.transcripts --device cuda --model-shape olmo2-7b --ref-conversations 2 ;;
+    *) echo "unknown group: $group (generate, capture, transcripts)"; exit 2 ;;
+  esac
+done
 python3 - "$OUT/results.jsonl" <<'EOF'
 import json, sys
 for line in open(sys.argv[1]):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Iterator, Sequence
 
 import torch
@@ -38,19 +39,26 @@ from persona_ops.sampling import sample_next
 log = logging.getLogger(__name__)
 ATTN_NAME = "persona_ops_static_kv"
 _ACTIVE: "KVStore | None" = None  # the store the attention function writes to, while the engine runs
-STATS = {"graph_captures": 0, "graph_fallbacks": 0}  # observability for benches and logs
+STATS = {"graph_captures": 0, "graph_fallbacks": 0, "capture_seconds": 0.0}  # observability for benches and logs
 _PREFILL_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-_WARMED: set = set()  # (model id, compiled) pairs whose decode step has been compiled/warmed
+_WARMED: set = set()  # (model id, compiled, batch, cache length): decode steps already run once
+_SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # per device: where warm-ups and captures run
 
 
 class KVStore:
-    """Per-layer key/value buffers of one batch, allocated on the first (prefill) forward."""
+    """Per-layer key/value buffers ``[B, kv_heads, max_len, head_dim]`` of one batch.
 
-    def __init__(self, max_len: int, kv_len: int | None = None):
-        self.max_len = max_len
+    Prefill runs in row groups (length-sorted rows, little padding); each group writes its
+    rows ``rows`` and the right-aligned columns ``cols`` of the buffers, which are allocated on
+    the first group's forward. Decode steps write column ``slot`` of every row.
+    """
+
+    def __init__(self, batch: int, max_len: int, kv_len: int | None = None):
+        self.batch, self.max_len = batch, max_len
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.prefill = True
+        self.rows, self.cols = slice(None), slice(None)  # where the current prefill group writes
         self.slot: torch.Tensor | None = None  # [1] long: column the next decode token is written to
         self.kv_len: int | None = kv_len  # eager decode: attend over the first kv_len columns only
 
@@ -62,10 +70,10 @@ class KVStore:
         group = h // hkv
         if self.prefill:
             if layer not in self.keys:
-                self.keys[layer] = k.new_zeros(b, hkv, self.max_len, d)
-                self.values[layer] = v.new_zeros(b, hkv, self.max_len, v.shape[-1])
-            self.keys[layer][:, :, :t] = k
-            self.values[layer][:, :, :t] = v
+                self.keys[layer] = k.new_zeros(self.batch, hkv, self.max_len, d)
+                self.values[layer] = v.new_zeros(self.batch, hkv, self.max_len, v.shape[-1])
+            self.keys[layer][self.rows, :, self.cols] = k
+            self.values[layer][self.rows, :, self.cols] = v
             if group > 1:
                 k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
             with sdpa_kernel(_PREFILL_BACKENDS):  # deterministic forward kernels with a mask
@@ -83,6 +91,17 @@ class KVStore:
         scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * (scale or d ** -0.5) + mask.float()
         out = torch.matmul(scores.softmax(-1).to(values.dtype), values)
         return out.reshape(b, h, t, -1).transpose(1, 2)
+
+
+def prefill_groups(lengths: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges ``[r0, r1)`` of ascending ``lengths`` whose padded size
+    ``rows x longest`` stays within ``budget`` tokens (a row longer than it goes alone)."""
+    groups, start = [], 0
+    for r in range(1, len(lengths) + 1):
+        if r == len(lengths) or (r + 1 - start) * lengths[r] > budget:
+            groups.append((start, r))
+            start = r
+    return groups
 
 
 @torch.compiler.disable  # compiled decoder blocks call it eagerly: the store is Python state
@@ -140,9 +159,11 @@ class _DecodeStep:
                  store: KVStore, graph: bool, blocks: Sequence[torch.nn.Module] = ()):
         self.model, self.tok, self.pos, self.bias, self.store = model, tok, pos, bias, store
         self.blocks = blocks  # compiled (torch.compile) for the captured step when given
+        self.store_shape = (tok.shape[0], bias.shape[-1])
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         if graph:
+            t0 = time.perf_counter()
             try:
                 self._capture()
                 STATS["graph_captures"] += 1
@@ -158,6 +179,7 @@ class _DecodeStep:
                     except Exception as e2:
                         log.warning("CUDA graph capture failed again (%s); decoding eagerly", e2)
                         self.graph = None
+            STATS["capture_seconds"] += time.perf_counter() - t0
 
     def _forward(self) -> torch.Tensor:
         self.bias.index_fill_(-1, self.store.slot, 0.0)  # the new token's column becomes visible
@@ -167,19 +189,25 @@ class _DecodeStep:
     def _capture(self) -> None:
         # warm-up on a side stream (allocator, cuBLAS handles, compilation), then capture; the
         # warm-up only rewrites the current slot, which the first real step writes again before
-        # reading it. Compiled blocks are baked into the graph; their Python wrappers go after.
+        # reading it. A shape already warmed in this process is captured straight away (one
+        # long-lived side stream keeps its cuBLAS state). Compiled blocks are baked into the
+        # graph; their Python wrappers go after.
         with compiled_blocks(self.blocks) if self.blocks else contextlib.nullcontext():
-            side = torch.cuda.Stream()
+            dev = self.tok.device.index or 0
+            if dev not in _SIDE_STREAMS:
+                _SIDE_STREAMS[dev] = torch.cuda.Stream(device=dev)
+            side = _SIDE_STREAMS[dev]
             side.wait_stream(torch.cuda.current_stream())
-            key = (id(self.model), bool(self.blocks))
-            with torch.cuda.stream(side):
-                for _ in range(1 if key in _WARMED else 2):  # compilation settles on the first
-                    self._forward()
-            _WARMED.add(key)
-            torch.cuda.current_stream().wait_stream(side)
+            key = (id(self.model), bool(self.blocks), *self.store_shape)
+            if key not in _WARMED:
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # compilation settles on the first
+                        self._forward()
+                _WARMED.add(key)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=side):
                 self.logits = self._forward()
+            torch.cuda.current_stream().wait_stream(side)
 
     def __call__(self) -> torch.Tensor:
         if self.graph is not None:
@@ -190,10 +218,16 @@ class _DecodeStep:
         return self._forward()
 
 
-def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], sampling: SamplingParams,
+def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: list[int], sampling: SamplingParams,
                     steerer: Steerer | None, eos: torch.Tensor, pad: int, min_new_tokens: int,
-                    generator: torch.Generator, graph: bool, compile_decode: bool = False) -> torch.Tensor:
-    """New tokens ``[B, max_new]`` (pad after a row's EOS) for one batch of prompts."""
+                    generator: torch.Generator, graph: bool, compile_decode: bool, prefill_tokens: int
+                    ) -> torch.Tensor:
+    """New tokens ``[B, max_new]`` (pad after a row's EOS) for one batch of ascending-length prompts.
+
+    ``rows`` are the prompts' indices into the per-row steering parameters. The prefill runs
+    in groups of at most ``prefill_tokens`` padded tokens, so short prompts are not padded to
+    the longest; decoding runs all rows together, right-aligned at the longest prompt.
+    """
     model, dev = loaded.model, loaded.device
     dtype = next(model.parameters()).dtype
     b, plen, new = len(prompts), max(len(p) for p in prompts), sampling.max_new_tokens
@@ -205,12 +239,8 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], sampling:
     ids, real = ids.to(dev), real.to(dev)
     pos = (real.long().cumsum(1) - 1).clamp(min=0)
     neg = torch.finfo(dtype).min
-    # prefill mask: causal, real keys only; each position sees itself so padding rows stay finite
-    causal = torch.ones(plen, plen, dtype=torch.bool, device=dev).tril()
-    allowed = (causal[None] & real[:, None, :]) | torch.eye(plen, dtype=torch.bool, device=dev)[None]
-    bias_pre = torch.zeros(b, 1, plen, plen, dtype=dtype, device=dev).masked_fill(~allowed[:, None], neg)
     max_len = _round_up(plen + new, 64)
-    store = KVStore(max_len, kv_len=None if graph else plen)
+    store = KVStore(b, max_len, kv_len=None if graph else plen)
     out = torch.full((b, new), pad, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
 
@@ -223,13 +253,25 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], sampling:
         out[:, step] = nxt
         return nxt
 
-    with _engine_attention(model, store):
+    def prefill(r0: int, r1: int) -> torch.Tensor:
+        width = len(prompts[r1 - 1])
+        store.rows, store.cols = slice(r0, r1), slice(plen - width, plen)
+        g_real, g_ids, g_pos = (x[r0:r1, plen - width:] for x in (real, ids, pos))
+        # causal over real keys; each position sees itself so padding rows stay finite
+        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+        allowed = (causal[None] & g_real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=dev)[None]
+        bias = torch.zeros(r1 - r0, 1, width, width, dtype=dtype, device=dev).masked_fill(~allowed[:, None], neg)
         if steerer is not None:
-            last = torch.zeros_like(real)
+            steerer.select_rows(rows[r0:r1])
+            last = torch.zeros_like(g_real)
             last[:, -1] = True
-            steerer.set_positions(prompt=real, response=last)
-        logits = model(input_ids=ids, position_ids=pos, attention_mask=bias_pre, use_cache=False,
-                       logits_to_keep=1).logits[:, -1].float()
+            steerer.set_positions(prompt=g_real, response=last)
+        return model(input_ids=g_ids, position_ids=g_pos, attention_mask=bias, use_cache=False,
+                     logits_to_keep=1).logits[:, -1].float()
+
+    with _engine_attention(model, store):
+        lengths = [len(p) for p in prompts]
+        logits = torch.cat([prefill(r0, r1) for r0, r1 in prefill_groups(lengths, prefill_tokens)])
         nxt = pick(logits, 0)
         if new == 1:
             return out
@@ -241,6 +283,7 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], sampling:
         bias = torch.full((b, 1, 1, max_len), neg, dtype=dtype, device=dev)
         bias[:, 0, 0, :plen] = torch.where(real, 0.0, neg).to(dtype)
         if steerer is not None:
+            steerer.select_rows(rows)
             steerer.set_decode()
         step_fn = _DecodeStep(model, tok, step_pos, bias, store, graph,
                               blocks=loaded.layers if (graph and compile_decode) else ())
@@ -260,7 +303,7 @@ def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sa
                     interventions: Sequence[Intervention] = (), *, min_new_tokens: int = 0,
                     eos_ids: Sequence[int] | None = None, batch_size: int = 256,
                     cuda_graph: bool | None = None, compile_decode: bool = False,
-                    progress: bool = False) -> list[list[int]]:
+                    prefill_tokens: int | None = None, progress: bool = False) -> list[list[int]]:
     """Generate continuations of token-id prompts; returns each row's new ids (EOS included if hit).
 
     ``interventions`` apply during prefill and decoding (per-row ``coef``/``tau`` tensors have
@@ -269,6 +312,8 @@ def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sa
     defaults to on for CUDA models; ``compile_decode`` also runs the decoder blocks of the
     captured step through ``torch.compile`` (fused elementwise work; the first call compiles).
     ``eos_ids`` defaults to :func:`stop_ids`; EOS is masked until ``min_new_tokens`` tokens exist.
+    ``prefill_tokens`` bounds one prefill forward (padded tokens; default 8192 on CUDA, 1024 on
+    CPU, where padding costs as much compute as real tokens).
     Bitwise run-to-run equality on CUDA needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before
     CUDA starts (cuBLAS may pick other kernels on the capture stream otherwise).
     """
@@ -284,6 +329,7 @@ def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sa
     pad = getattr(tok, "pad_token_id", None)
     pad = pad if pad is not None else (eos_list[0] if eos_list else 0)
     generator = torch.Generator(device=dev).manual_seed(sampling.seed)
+    prefill_tokens = prefill_tokens or (8192 if dev.type == "cuda" else 1024)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     results: list[list[int]] = [[] for _ in prompt_ids]
     steerer = Steerer(loaded.layers, interventions, num_rows=len(prompt_ids)) if interventions else None
@@ -292,10 +338,8 @@ def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sa
         for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", leave=False,
                           disable=not progress):
             chunk = order[start:start + batch_size]
-            if steerer is not None:
-                steerer.select_rows(chunk)
-            new = _generate_batch(loaded, [prompt_ids[i] for i in chunk], sampling, steerer, eos, pad,
-                                  min_new_tokens, generator, graph, compile_decode).cpu().tolist()
+            new = _generate_batch(loaded, [prompt_ids[i] for i in chunk], chunk, sampling, steerer, eos, pad,
+                                  min_new_tokens, generator, graph, compile_decode, prefill_tokens).cpu().tolist()
             for r, i in enumerate(chunk):
                 row = new[r]
                 cut = next((j + 1 for j, t in enumerate(row) if t in eos_set), len(row))

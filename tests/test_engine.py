@@ -50,6 +50,30 @@ def test_greedy_equals_hf_generate(loaded):
     assert generate_tokens(loaded, PROMPTS, GREEDY, eos_ids=[]) == _hf_generate(loaded, PROMPTS, 7)
     # several batches give the same rows
     assert generate_tokens(loaded, PROMPTS, GREEDY, eos_ids=[], batch_size=3) == _hf_generate(loaded, PROMPTS, 7)
+    # prefill in row groups (here: every prompt alone) gives the same rows
+    assert generate_tokens(loaded, PROMPTS, GREEDY, eos_ids=[], prefill_tokens=1) == _hf_generate(loaded, PROMPTS, 7)
+
+
+def test_prefill_groups_bound_the_padded_size():
+    from persona_ops.engine import prefill_groups
+
+    lengths = [2, 3, 3, 5, 9, 20]
+    groups = prefill_groups(lengths, 10)
+    assert groups == [(0, 3), (3, 4), (4, 5), (5, 6)]
+    assert [r for g in groups for r in range(*g)] == list(range(len(lengths)))
+    assert all((r1 - r0) * lengths[r1 - 1] <= 10 or r1 - r0 == 1 for r0, r1 in groups)
+
+
+def test_per_row_coefficients_across_prefill_groups(loaded):
+    """One batch with a coefficient per row equals each row steered alone, however prefill is grouped."""
+    v = torch.randn(64) * 3
+    coefs = [0.0, 1.0, -2.0, 0.5]
+    batch = generate_tokens(loaded, PROMPTS, GREEDY, [Intervention("add", 2, v, coef=torch.tensor(coefs),
+                                                                   positions="response")],
+                            eos_ids=[], prefill_tokens=6)
+    alone = [generate_tokens(loaded, [p], GREEDY, [Intervention("add", 2, v, coef=c, positions="response")],
+                             eos_ids=[])[0] for p, c in zip(PROMPTS, coefs)]
+    assert batch == alone
 
 
 @pytest.mark.parametrize("positions", ["response", "prompt", "all"])

@@ -2,8 +2,8 @@
 
 Each validates its inputs, opens an MLflow pipeline run, and runs its stages in order as
 retryable tasks, each reproducing the DVC stage of the same name. Stages that run per item
-(traits, checkpoints) are mapped tasks. They run one at a time: DVC holds one lock per
-workspace, and the stages of one workspace share its cache.
+(traits, roles, checkpoints) are mapped tasks (``role_transcripts@pirate``, ...). They run
+one at a time: DVC holds one lock per workspace, and the stages of one workspace share its cache.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def run_pipeline(pipeline: str, overrides: list[str] | None, root: str) -> dict:
                 states[target] = run_dvc_stage(target, root, parent_run_id)
         else:
             for spec in specs:
-                targets = [dvc_name(spec, params, item) for item in stage_items(spec, params)]
+                targets = [dvc_name(spec, params, item) for item in stage_items(spec, params, Path(root))]
                 results = run_dvc_stage.map(targets, unmapped(root), unmapped(parent_run_id)).result()
                 states.update(zip(targets, results))
         for target, state in states.items():

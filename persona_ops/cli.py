@@ -60,10 +60,11 @@ def run(pipeline: str = typer.Argument(..., help=f"Pipeline to run: {', '.join(P
 @app.command()
 def stage(name: str = typer.Argument(..., help="Stage name (see dvc.yaml): generate, judge, activations, vectors, "
                                                "finetune, role_transcripts, role_judge, role_activations, "
-                                               "persona_space, checkpoint_activations, trajectory, "
+                                               "persona_space, capping, checkpoint_activations, trajectory, "
                                                "steering_sweep, projection."),
           item: Optional[str] = typer.Option(None, "--item", "--trait", "-t",
-                                             help="Trait name or checkpoint label, for stages that run per item."),
+                                             help="Trait name, role name or checkpoint label, for stages "
+                                                  "that run per item."),
           set_: list[str] = typer.Option([], "--set", "-S", help=SET_HELP + " Not written anywhere."),
           root: Path = typer.Option(Path("."), help="Project directory.")) -> None:
     """Run one stage (what dvc.yaml calls). Records an MLflow run."""
@@ -143,9 +144,13 @@ def serve_model(model: str = typer.Option("embedded", help="embedded | HF id[@re
                 vector: list[str] = typer.Option([], help="NAME=FILE: a vector file requests can steer with "
                                                           "(extra_body={'steering': [{'vector': NAME, 'layer': L, 'coef': C}]})."),
                 adapter: list[str] = typer.Option([], help="NAME=DIR: a LoRA adapter checkpoint requests can "
-                                                           "select (extra_body={'adapter': NAME}).")) -> None:
+                                                           "select (extra_body={'adapter': NAME})."),
+                capping: Optional[Path] = typer.Option(None, help="A capping spec (outputs/persona_space/"
+                                                       "capping.safetensors): Assistant-Axis capping on every "
+                                                       "request unless it sends extra_body={'capping': False}.")
+                ) -> None:
     """Serve a local model over an OpenAI-compatible API (/v1/chat/completions, /v1/models),
-    with per-request steering and LoRA adapters."""
+    with per-request steering, LoRA adapters and activation capping."""
     from persona_ops.server import serve
 
     def pairs(items: list[str], what: str) -> dict[str, str]:
@@ -156,7 +161,8 @@ def serve_model(model: str = typer.Option("embedded", help="embedded | HF id[@re
 
     try:
         serve(model=model, revision=revision, host=host, port=port, dtype=dtype, device=device,
-              vectors=pairs(vector, "vector"), adapters=pairs(adapter, "adapter"))
+              vectors=pairs(vector, "vector"), adapters=pairs(adapter, "adapter"),
+              capping=str(capping) if capping else None)
     except InputError as e:
         _fail(e)
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from persona_ops.backends import Backend, OpenAIGenerationCfg, VLLMCfg
 from persona_ops.errors import InputError
 from persona_ops.io import write_text
 from persona_ops.judge.settings import JudgeCfg
@@ -37,6 +38,7 @@ class TraitsCfg(_Section):
 
 
 class GenerateCfg(_Section):
+    backend: Backend = "hf"  # hf (the local model on the engine) | vllm | openai (see persona_ops.backends)
     n_per_question: int = Field(1, ge=1)
     questions_limit: int | None = Field(None, ge=1)
     max_new_tokens: int = Field(64, ge=1)
@@ -44,6 +46,8 @@ class GenerateCfg(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(32, ge=1)
     seed: int = 0
+    openai: OpenAIGenerationCfg = Field(default_factory=OpenAIGenerationCfg)
+    vllm: VLLMCfg = Field(default_factory=VLLMCfg)
 
 
 class FilterCfg(_Section):

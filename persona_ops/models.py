@@ -154,6 +154,24 @@ def prepare_tokenizer(tokenizer) -> object:
     return tokenizer
 
 
+def model_source(name: str, revision: str | None = None) -> tuple[str, dict]:
+    """``(path or HF id, from_pretrained kwargs)`` of a model reference (the embedded model's
+    safetensors directory for ``embedded``)."""
+    name, revision = parse_model_ref(name, revision)
+    if name == EMBEDDED:
+        return str(embedded_model_dir()), {}
+    return name, ({"revision": revision} if revision else {})
+
+
+def load_tokenizer(name: str = EMBEDDED, revision: str | None = None):
+    """The tokenizer of a model reference alone (prepared like :func:`load_model`'s)."""
+    path, kwargs = model_source(name, revision)
+    try:
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(path, **kwargs))
+    except OSError as e:
+        raise InputError(f"model.name={name!r} (revision {revision!r}): no tokenizer: {e}") from None
+
+
 def load_model(name: str = EMBEDDED, revision: str | None = None, dtype: str = "auto",
                device: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode.
@@ -164,8 +182,7 @@ def load_model(name: str = EMBEDDED, revision: str | None = None, dtype: str = "
     name, revision = parse_model_ref(name, revision)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    path = str(embedded_model_dir()) if name == EMBEDDED else name
-    kwargs = {"revision": revision} if revision and name != EMBEDDED else {}
+    path, kwargs = model_source(name, revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)

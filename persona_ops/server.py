@@ -10,8 +10,9 @@ Logprobs: the chosen token's ``logprob`` and ``top_logprobs`` both come from the
 log-softmax of the model's raw logits at that position, i.e. **before** temperature
 and top-p (the model's own distribution).
 
-Requests are served one at a time (the model is not thread-safe). All sampling is in
-``sample_chat``, which a faster engine can replace.
+Requests are served one at a time (the model is not thread-safe). Completions come from
+the generation engine (``persona_ops.engine``, the one local generation path); logprobs
+are recomputed by teacher forcing (see ``_score_choices``).
 
 Persona-ops extensions (send them with the openai client's ``extra_body``):
 
@@ -19,11 +20,13 @@ Persona-ops extensions (send them with the openai client's ``extra_body``):
   ``vector`` names a vector the server was started with (``--vector NAME=FILE``), ``layer``
   is a hidden_states index (the output of block ``layer-1`` is edited).
 - ``adapter``: the name of a LoRA adapter the server was started with (``--adapter NAME=DIR``).
+- ``capping``: ``false`` turns off the server's activation capping (``--capping FILE``, on for
+  every request by default; applied after the request's ``steering``).
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import random
 import threading
 import time
@@ -61,121 +64,93 @@ class GeneratedChoice:
     completion_tokens: int = 0  # generated tokens, a stopping end-of-sequence token included
 
 
-def _eos_ids(loaded: LoadedModel) -> set[int]:
-    ids: set[int] = set()
-    for value in (getattr(loaded.model.generation_config, "eos_token_id", None),
-                  loaded.tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(value)
-    return ids
-
-
-def _cache_kwarg(model) -> str:
-    """The forward() argument for the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _choose(logits: torch.Tensor, temperature: float, top_p: float,
-            generator: torch.Generator) -> torch.Tensor:
-    """Next token per row: argmax at temperature 0, else nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # the first token always stays
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@torch.inference_mode()
 def sample_chat(loaded: LoadedModel, messages: list[dict], *, max_tokens: int = DEFAULT_MAX_TOKENS,
                 temperature: float = 1.0, top_p: float = 1.0, n: int = 1, seed: int | None = None,
-                top_logprobs: int = 0, stop: list[str] | None = None, interventions=()
+                logprobs: bool = False, top_logprobs: int = 0, stop: list[str] | None = None, interventions=()
                 ) -> tuple[list[GeneratedChoice], int]:
-    """Sample ``n`` completions of a chat; return them and the number of prompt tokens.
+    """Sample ``n`` completions of a chat on the generation engine; return them and the number
+    of prompt tokens.
 
-    The ``n`` rows share one prompt (no padding) and one KV cache; a row stops at an
-    end-of-sequence token, at a ``stop`` string (cut before it) or after ``max_tokens``.
-    ``interventions`` (``persona_ops.interventions.Intervention``) steer prefill and decoding.
+    The ``n`` rows share one prompt and one seeded generator (a random seed when ``seed`` is
+    None); a row stops at an end-of-sequence token, at a ``stop`` string (cut before it) or
+    after ``max_tokens``. ``interventions`` (``persona_ops.interventions.Intervention``) steer
+    prefill and decoding. ``logprobs``: see :func:`_score_choices`.
     """
-    if interventions:
-        from persona_ops.interventions import Steerer
+    from persona_ops.engine import generate_tokens, stop_ids
+    from persona_ops.generation import SamplingParams
 
-        with Steerer(loaded.layers, interventions) as steerer:
-            return _sample(loaded, messages, max_tokens, temperature, top_p, n, seed, top_logprobs, stop, steerer)
-    return _sample(loaded, messages, max_tokens, temperature, top_p, n, seed, top_logprobs, stop, None)
-
-
-def _sample(loaded, messages, max_tokens, temperature, top_p, n, seed, top_logprobs, stop, steerer):
-    model, tokenizer = loaded.model, loaded.tokenizer
+    tokenizer = loaded.tokenizer
     prompt = chat_token_ids(tokenizer, messages)
-    context = getattr(model.config, "max_position_embeddings", None) or 10 ** 9
+    context = getattr(loaded.model.config, "max_position_embeddings", None) or 10 ** 9
     budget = min(max_tokens, context - len(prompt))
     if budget < 1:
         raise InputError(f"the prompt has {len(prompt)} tokens; the model's context is {context}")
-    device = loaded.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else random.getrandbits(63))
-    eos = _eos_ids(loaded)
+    eos = set(stop_ids(loaded))
+    sampling = SamplingParams(budget, temperature, top_p, seed if seed is not None else random.getrandbits(63))
+    rows = generate_tokens(loaded, [prompt] * n, sampling, interventions, eos_ids=sorted(eos), batch_size=n)
     stop = [s for s in (stop or []) if s]
-
-    choices = [GeneratedChoice() for _ in range(n)]
-    done = [False] * n
-    cache_arg = _cache_kwarg(model)
-    if steerer is not None:  # prefill: every prompt position; the last one predicts the response
-        prompt_mask = torch.ones(n, len(prompt), dtype=torch.bool)
-        response_mask = torch.zeros_like(prompt_mask)
-        response_mask[:, -1] = True
-        steerer.set_positions(prompt_mask, response_mask)
-    out = model(input_ids=torch.tensor([prompt] * n, device=device), use_cache=True, logits_to_keep=1)
-    if steerer is not None:
-        steerer.set_decode()
-    for _ in range(budget):
-        logits = out.logits[:, -1]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        chosen = _choose(logits, temperature, top_p, generator)
-        top_lp, top_ids = (logp.topk(top_logprobs, dim=-1) if top_logprobs else (None, None))
-        for i, choice in enumerate(choices):
-            if done[i]:
-                continue
-            token = int(chosen[i])
-            choice.completion_tokens += 1
-            if token in eos:
-                choice.finish_reason, done[i] = "stop", True
-                continue
-            choice.token_ids.append(token)
-            choice.logprobs.append(float(logp[i, token]))
-            if top_logprobs:
-                choice.top.append(list(zip(top_ids[i].tolist(), top_lp[i].tolist())))
-            if stop and _cut_at_stop(tokenizer, choice, stop):
-                choice.finish_reason, done[i] = "stop", True
-        if all(done):
-            break
-        kv = out["cache"] if "cache" in out else out["past_key_values"]
-        out = model(input_ids=chosen[:, None], use_cache=True, **{cache_arg: kv})
-    for choice in choices:
-        if choice.text is None:
+    choices = []
+    for row in rows:
+        ended = bool(row) and row[-1] in eos  # the engine keeps a row's end-of-sequence token
+        choice = GeneratedChoice(token_ids=row[:-1] if ended else list(row), completion_tokens=len(row),
+                                 finish_reason="stop" if ended else "length")
+        if not (stop and _cut_at_stop(tokenizer, choice, stop)):
             choice.text = tokenizer.decode(choice.token_ids, skip_special_tokens=True)
+        choices.append(choice)
+    if logprobs:
+        _score_choices(loaded, prompt, choices, top_logprobs, interventions)
     return choices, len(prompt)
 
 
+@torch.inference_mode()
+def _score_choices(loaded: LoadedModel, prompt: list[int], choices: list[GeneratedChoice], top_k: int,
+                   interventions=()) -> None:
+    """Fill each choice's ``logprobs`` (and ``top`` when ``top_k``) by teacher forcing.
+
+    The engine returns token ids only, so the logprobs are recomputed: one forward over
+    ``prompt + tokens[:-1]`` per choice, with the same interventions at the same positions
+    (prompt = the prompt tokens, response = the last prompt token and the tokens fed back,
+    as during cached decoding), gives at position ``len(prompt) - 1 + j`` the logits that
+    predicted token ``j``. Causal attention makes these the logits the sampler saw (up to
+    floating-point differences between cached and full attention). Logprobs are the fp32
+    log-softmax of those raw logits, i.e. before temperature and top-p.
+    """
+    from persona_ops.interventions import Steerer, teacher_forced_masks
+
+    steerer = Steerer(loaded.layers, interventions) if interventions else None
+    with steerer if steerer is not None else contextlib.nullcontext():
+        for choice in choices:
+            tokens = choice.token_ids
+            if not tokens:
+                continue
+            ids = torch.tensor([prompt + tokens[:-1]], device=loaded.device)
+            if steerer is not None:
+                steerer.set_positions(*teacher_forced_masks(torch.ones_like(ids), [len(prompt)]))
+            logits = loaded.model(input_ids=ids, logits_to_keep=len(tokens)).logits[0, -len(tokens):]
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            choice.logprobs = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+            if top_k:
+                values, indices = logp.topk(top_k, dim=-1)
+                choice.top = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+
+
 def _cut_at_stop(tokenizer, choice: GeneratedChoice, stop: list[str]) -> bool:
-    """If the text contains a stop string, cut it (and tokens after it) off; report whether it did."""
-    text = tokenizer.decode(choice.token_ids, skip_special_tokens=True)
-    hits = [text.index(s) for s in stop if s in text]
-    if not hits:
+    """Cut the completion where a stop string first appears (tokens after the cut go too), as
+    if generation had stopped at the token that completed it; report whether it did."""
+    full = choice.token_ids
+    text = tokenizer.decode(full, skip_special_tokens=True)
+    if not any(s in text for s in stop):
         return False
-    choice.text = text[:min(hits)]
-    # keep the tokens that start before the cut
-    keep = 0
-    while keep < len(choice.token_ids) and len(
-            tokenizer.decode(choice.token_ids[:keep], skip_special_tokens=True)) < len(choice.text):
+    for end in range(1, len(full) + 1):  # generation would have ended with the token completing a stop
+        text = tokenizer.decode(full[:end], skip_special_tokens=True)
+        if any(s in text for s in stop):
+            break
+    choice.text = text[:min(text.index(s) for s in stop if s in text)]
+    keep = 0  # the tokens that start before the cut
+    while keep < end and len(tokenizer.decode(full[:keep], skip_special_tokens=True)) < len(choice.text):
         keep += 1
-    del choice.token_ids[keep:], choice.logprobs[keep:], choice.top[keep:]
+    choice.token_ids = full[:keep]
+    choice.finish_reason, choice.completion_tokens = "stop", end
     return True
 
 
@@ -276,6 +251,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     steering: list[SteeringRequest] = Field(default_factory=list)
     adapter: str | None = None
+    capping: bool | None = None  # None = the server's capping interventions, if it has any
 
 
 def _error(status: int, message: str, param: str | None = None,
@@ -285,11 +261,14 @@ def _error(status: int, message: str, param: str | None = None,
                         content={"error": {"message": message, "type": kind, "param": param, "code": None}})
 
 
-def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict | None = None) -> FastAPI:
+def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict | None = None,
+               capping: list | None = None) -> FastAPI:
     """A FastAPI app serving ``loaded`` under ``/v1`` (models, chat completions).
 
     ``vectors``: name -> ``[num_layers + 1, hidden]`` tensor usable in ``steering``;
-    ``adapters``: name -> LoRA checkpoint directory usable as ``adapter``.
+    ``adapters``: name -> LoRA checkpoint directory usable as ``adapter``;
+    ``capping``: interventions applied to every request unless it sends ``capping: false``
+    (``persona_ops.capping.CappingSpec.interventions()``).
     """
     app = FastAPI(title="persona-ops model server")
     vectors, adapters = dict(vectors or {}), dict(adapters or {})
@@ -342,13 +321,17 @@ def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict 
 
             interventions.append(Intervention(st.kind, st.layer, vectors[st.vector][st.layer], coef=st.coef,
                                               tau=st.tau, positions=st.positions))
+        if req.capping and not capping:
+            return _error(400, "capping: this server has no capping spec (serve-model --capping FILE)", "capping")
+        if req.capping is not False:
+            interventions += capping or []  # last: the cap holds whatever the request steers
         with lock:
             model = _switch_adapter(current, loaded, adapters, req.adapter)
             choices, prompt_tokens = sample_chat(
                 model, [m.as_dict() for m in req.messages], interventions=interventions,
                 max_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
                 temperature=req.temperature, top_p=req.top_p, n=req.n, seed=req.seed,
-                top_logprobs=top_k, stop=stop)
+                logprobs=req.logprobs, top_logprobs=top_k, stop=stop)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -390,9 +373,10 @@ def _choice_json(index: int, choice: GeneratedChoice, logprobs: bool, top_k: int
 
 def serve(model: str = EMBEDDED, revision: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           dtype: str = "auto", device: str = "auto", vectors: dict[str, str] | None = None,
-          adapters: dict[str, str] | None = None, aggregate: str = "response_avg") -> None:
-    """Load ``model`` (and the named vector files' ``aggregate`` tensors) and serve it with
-    uvicorn at ``http://host:port/v1`` until interrupted."""
+          adapters: dict[str, str] | None = None, aggregate: str = "response_avg",
+          capping: str | None = None) -> None:
+    """Load ``model`` (and the named vector files' ``aggregate`` tensors, and the capping spec
+    file ``capping``) and serve it with uvicorn at ``http://host:port/v1`` until interrupted."""
     import uvicorn
 
     from persona_ops.models import load_model
@@ -404,5 +388,13 @@ def serve(model: str = EMBEDDED, revision: str | None = None, host: str = "127.0
         if aggregate not in vecs:
             raise InputError(f"{path}: no {aggregate!r} tensor (has {sorted(vecs)})")
         tensors[name] = vecs[aggregate]
+    spec = None
+    if capping:
+        from persona_ops.capping import load_capping
+
+        spec = load_capping(capping)  # a bad file fails before the model loads
     loaded = load_model(model, revision=revision, dtype=dtype, device=device)
-    uvicorn.run(create_app(loaded, tensors, adapters), host=host, port=port, log_level="info")
+    if spec is not None:
+        spec.check_fits(loaded.num_layers, loaded.hidden_size, capping)
+    uvicorn.run(create_app(loaded, tensors, adapters, capping=spec.interventions() if spec else None),
+                host=host, port=port, log_level="info")

@@ -14,6 +14,7 @@ from typing import Callable
 from pydantic import BaseModel
 
 from persona_ops.config import Params, load_params
+from persona_ops.data import DEFAULT_ROLE
 from persona_ops.pipelines import finetune as ft
 from persona_ops.pipelines import monitoring as mon
 from persona_ops.pipelines import persona_space as ps
@@ -21,7 +22,7 @@ from persona_ops.pipelines import persona_vectors as pv
 
 ITEM = "${item}"
 _PV_STAGES = ("generate", "judge", "activations", "vectors")
-_PS_STAGES = ("finetune", "role_transcripts", "role_judge", "role_activations", "persona_space")
+_PS_STAGES = ("finetune", "role_transcripts", "role_judge", "role_activations", "persona_space", "capping")
 PIPELINE_STAGES = {  # what each flow runs, in order (DVC skips what is up to date)
     "persona-vectors": _PV_STAGES,
     "steering-sweep": _PV_STAGES + ("steering_sweep",),
@@ -77,13 +78,17 @@ _PV = dict(pipeline="persona-vectors", config=_trait, foreach="traits.names")
 _PS_OUT = "${persona_space.out}"
 _PS_CODE = "persona_ops/pipelines/persona_space.py"
 _PS = dict(pipeline="persona-space", config=lambda params, item: params.persona_space)
+_PER_ROLE = dict(_PS, foreach="persona_space.roles.names")  # role stages: only what one role depends on
+_ROLE_FILE = f"${{persona_space.roles.dir}}/{ITEM}.json"
+_TRANSCRIPT = f"{_PS_OUT}/transcripts/{ITEM}.jsonl"
 _FT = dict(pipeline="trajectory", config=lambda params, item: params.finetune)
 _TRAJ = dict(pipeline="trajectory", config=lambda params, item: params.persona_space)
 _PS_PARAMS = ("persona_space.model", "persona_space.roles")
 
 SPECS: tuple[StageSpec, ...] = (
     StageSpec("generate", run=_pv(pv.generate), **_PV,
-              deps=(_TRAIT_FILE, _PV_CODE, "persona_ops/generation.py", "persona_ops/chat.py"),
+              deps=(_TRAIT_FILE, _PV_CODE, "persona_ops/generation.py", "persona_ops/backends.py",
+                    "persona_ops/engine.py", "persona_ops/chat.py"),
               params=("model", "generate", "traits.dir", "traits.extract_subdir", "traits.neg_assistant_name",
                       _PER_TRAIT),
               outs=(_p("generations"), _p("generations").replace(".jsonl", ".provenance.json"))),
@@ -102,39 +107,51 @@ SPECS: tuple[StageSpec, ...] = (
     StageSpec("steering_sweep", pipeline="steering-sweep", config=lambda params, item: params,
               run=lambda c, item, root: mon.steering_sweep(c, item, root), foreach="steering.traits",
               deps=(f"${{traits.dir}}/eval/{ITEM}.json", _p("vectors"), "persona_ops/pipelines/monitoring.py",
-                    "persona_ops/engine.py", "persona_ops/interventions.py"),
+                    "persona_ops/generation.py", "persona_ops/engine.py", "persona_ops/interventions.py"),
               params=("model", "judge", "steering"),
               outs=(f"{mon.SWEEP_OUT}/{ITEM}",)),
     StageSpec("finetune", run=lambda c, item, root: ft.finetune(c, root), **_FT,
               deps=("${finetune.dataset}", "persona_ops/training.py", "persona_ops/pipelines/finetune.py"),
               params=("finetune",),
               outs=("${finetune.out}",)),
-    StageSpec("role_transcripts", run=lambda c, item, root: ps.transcripts(c, root), **_PS,
-              deps=("${persona_space.roles.dir}", "${persona_space.roles.questions}", "${finetune.out}",
-                    _PS_CODE, "persona_ops/generation.py"),
-              params=_PS_PARAMS + ("persona_space.transcripts",),
-              outs=(f"{_PS_OUT}/transcripts",), persist=True),
-    StageSpec("role_judge", run=lambda c, item, root: ps.judge_roles(c, root), **_PS,
-              deps=(f"{_PS_OUT}/transcripts", "persona_ops/judge"),
-              params=_PS_PARAMS + ("persona_space.judge",),
-              outs=(f"{_PS_OUT}/scores",)),
-    StageSpec("role_activations", run=lambda c, item, root: ps.role_activations(c, root), **_PS,
-              deps=(f"{_PS_OUT}/transcripts", "persona_ops/activations.py"),
-              params=_PS_PARAMS + ("persona_space.activations", "persona_space.space"),
-              outs=(f"{_PS_OUT}/activations",), persist=True),
+    # per role: a new role or a changed role file reruns only that role's three stages
+    StageSpec("role_transcripts", run=lambda c, item, root: ps.transcripts(c, root, role=item), **_PER_ROLE,
+              deps=(_ROLE_FILE, "${persona_space.roles.questions}", "${finetune.out}",
+                    _PS_CODE, "persona_ops/generation.py", "persona_ops/backends.py", "persona_ops/engine.py"),
+              params=("persona_space.model", "persona_space.roles.instructions_limit",
+                      "persona_space.roles.questions_limit", "persona_space.roles.model_name",
+                      "persona_space.transcripts"),
+              outs=(_TRANSCRIPT, f"{_PS_OUT}/transcripts/{ITEM}.provenance.json"), persist=True),
+    StageSpec("role_judge", run=lambda c, item, root: ps.judge_roles(c, root, role=item), **_PER_ROLE,
+              deps=(_TRANSCRIPT, _ROLE_FILE, "persona_ops/judge"),
+              params=("persona_space.judge",),
+              outs=(f"{_PS_OUT}/scores/{ITEM}.scores.jsonl", f"{_PS_OUT}/scores/{ITEM}.scores.provenance.json")),
+    StageSpec("role_activations", run=lambda c, item, root: ps.role_activations(c, root, role=item), **_PER_ROLE,
+              deps=(_TRANSCRIPT, "persona_ops/activations.py"),
+              params=("persona_space.model", "persona_space.activations", "persona_space.space"),
+              outs=(f"{_PS_OUT}/activations/{ITEM}_activations.safetensors",
+                    f"{_PS_OUT}/activations/{ITEM}_metadata.json"), persist=True),
     StageSpec("persona_space", run=lambda c, item, root: ps.persona_space(c, root), **_PS,
               deps=(f"{_PS_OUT}/activations", f"{_PS_OUT}/scores", "persona_ops/persona_space.py"),
               params=_PS_PARAMS + ("persona_space.vectors", "persona_space.space"),
               outs=(f"{_PS_OUT}/persona_space.safetensors", f"{_PS_OUT}/role_vectors.safetensors",
                     f"{_PS_OUT}/persona_space.metrics.json")),
+    StageSpec("capping", run=lambda c, item, root: ps.capping(c, root), **_PS,
+              deps=(f"{_PS_OUT}/persona_space.safetensors",
+                    f"{_PS_OUT}/activations/{DEFAULT_ROLE}_activations.safetensors", "persona_ops/capping.py"),
+              params=("persona_space.capping",),
+              outs=(f"{_PS_OUT}/capping.safetensors", f"{_PS_OUT}/capping.json")),
+    # persist: a role or checkpoint added later captures only what is new (files are checked
+    # against their transcripts and model before being reused)
     StageSpec("checkpoint_activations", run=lambda c, item, root: ps.role_activations(c, root, checkpoint=item),
               **_TRAJ, foreach="persona_space.trajectory.checkpoints", item_key="${item.label}",
               deps=(f"{_PS_OUT}/transcripts", "${finetune.out}", "persona_ops/activations.py"),
               params=_PS_PARAMS + ("persona_space.activations", "persona_space.space",
                                    "persona_space.trajectory.checkpoints"),
-              outs=(f"{_PS_OUT}/checkpoints/${{item.label}}/activations",)),
+              outs=(f"{_PS_OUT}/checkpoints/${{item.label}}/activations",), persist=True),
     StageSpec("trajectory", run=lambda c, item, root: ps.trajectory(c, root), **_TRAJ,
-              deps=(f"{_PS_OUT}/persona_space.safetensors", f"{_PS_OUT}/checkpoints", _PS_CODE),
+              deps=(f"{_PS_OUT}/persona_space.safetensors", f"{_PS_OUT}/checkpoints", _PS_CODE,
+                    "persona_ops/trajectory_plots.py"),
               params=_PS_PARAMS + ("persona_space.vectors", "persona_space.trajectory"),
               outs=(f"{_PS_OUT}/trajectory",)),
     StageSpec("projection", pipeline="projection", config=lambda params, item: params.projection,
@@ -152,14 +169,17 @@ def pipeline_stages(pipeline: str) -> list[StageSpec]:
     return [STAGES[name] for name in PIPELINE_STAGES[pipeline]]
 
 
-def stage_items(spec: StageSpec, params: Params) -> list[str | None]:
-    """The items a stage runs for: trait names, checkpoint labels, or ``[None]``."""
+def stage_items(spec: StageSpec, params: Params, root: Path = Path(".")) -> list[str | None]:
+    """The items a stage runs for: trait names, role names, checkpoint labels, or ``[None]``.
+    Roles: ``persona_space.roles.names``, or every role file in ``roles.dir`` when it is null."""
     if spec.foreach is None:
         return [None]
     if spec.foreach == "traits.names":
         return list(params.traits.names)
     if spec.foreach == "steering.traits":
         return list(params.steering.traits)
+    if spec.foreach == "persona_space.roles.names":
+        return list(ps.role_names(params.persona_space, root))
     return [c.label for c in params.persona_space.trajectory.checkpoints]
 
 
@@ -167,8 +187,9 @@ def dvc_name(spec: StageSpec, params: Params, item: str | None) -> str:
     """DVC's name of one stage instance (``generate@evil``, ``checkpoint_activations@0``)."""
     if item is None:
         return spec.name
-    items = stage_items(spec, params)
-    return f"{spec.name}@{item if spec.item_key == ITEM else items.index(item)}"
+    if spec.item_key == ITEM:
+        return f"{spec.name}@{item}"
+    return f"{spec.name}@{stage_items(spec, params).index(item)}"
 
 
 def dvc_yaml() -> dict:
@@ -196,7 +217,7 @@ def run_stage(name: str, item: str | None = None, *, root: Path = Path("."), par
         raise InputError(f"unknown stage {name!r}; expected one of {sorted(STAGES)}")
     spec = STAGES[name]
     params = load_params(root / params_file, overrides)
-    items = stage_items(spec, params)
+    items = stage_items(spec, params, root)
     if spec.foreach and item not in items:
         raise InputError(f"stage {name} needs --item, one of {spec.foreach}={items} (got {item!r})")
     config = spec.config(params, item)

@@ -35,23 +35,31 @@ def _retry_unless_input_error(task, task_run, state) -> bool:
 @task(name="validate-inputs", cache_policy=NO_CACHE, retries=0)
 def validate_inputs(root: str, overrides: list[str], pipeline: str) -> dict:
     """Validate params and every input file of ``pipeline`` before any model is loaded; write the
-    overrides into params.yaml (as ``dvc exp run -S`` does) so DVC and the flow see the same values."""
+    overrides into params.yaml (as ``dvc exp run -S`` does) so DVC and the flow see the same values.
+    ``persona_space.roles.names: null`` (every role in roles.dir) is written out as the list."""
     from persona_ops.config import load_params, save_params
     from persona_ops.data import check_paths, load_traits
 
     rootp = Path(root)
     params = load_params(rootp / "params.yaml", overrides)
+    expanded = False
     if pipeline in ("persona-vectors", "steering-sweep", "projection"):
         load_traits(rootp / params.traits.dir, params.traits.names, split=params.traits.extract_subdir)
         if pipeline == "steering-sweep":
             load_traits(rootp / params.traits.dir, params.steering.traits, split="eval")
     else:
+        from persona_ops.pipelines.persona_space import role_names
+
         ps = params.persona_space
         paths = [rootp / ps.roles.dir, rootp / ps.roles.questions, rootp / params.finetune.dataset]
         _, errors = check_paths([str(p) for p in paths])
         if errors:
             raise InputError("\n".join(errors))
-    if overrides or any(n not in params.traits.per_trait for n in params.traits.names):
+        names = role_names(ps, rootp)  # the role files exist
+        if ps.roles.names is None:  # every role in roles.dir: DVC's foreach needs the list written out
+            ps.roles.names = names
+            expanded = True
+    if overrides or expanded or any(n not in params.traits.per_trait for n in params.traits.names):
         save_params(params, rootp / "params.yaml")
     return params.model_dump(mode="json")
 

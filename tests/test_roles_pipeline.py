@@ -71,7 +71,8 @@ def _project(root: Path) -> Path:
 def _params(**over) -> ps.PersonaSpaceParams:
     cfg = dict(
         roles=ps.RolesCfg(dir="roles/instructions", questions="roles/questions.jsonl",
-                          names=[*KEPT, DROPPED], instructions_limit=2, questions_limit=2, model_name="Tiny"),
+                          names=["default", *KEPT, DROPPED], instructions_limit=2, questions_limit=2,
+                          model_name="Tiny"),
         transcripts=ps.TranscriptsCfg(rollouts=2, max_new_tokens=3, temperature=1.0, top_p=1.0,
                                       batch_size=4, chunk_size=3),
         activations=ps.RoleActivationsCfg(layers=[1, 2, 4], batch_size=8, chunk_size=5),
@@ -131,7 +132,7 @@ def test_resume_after_kill_loses_and_duplicates_nothing(reference_run, tmp_path,
     ref_root, _ = reference_run
     root = _project(tmp_path)
     params = _params(roles=ps.RolesCfg(dir="roles/instructions", questions="roles/questions.jsonl",
-                                       names=["pirate"], instructions_limit=2, questions_limit=2,
+                                       names=["default", "pirate"], instructions_limit=2, questions_limit=2,
                                        model_name="Tiny"))
     calls: list[tuple[str, int]] = []
 
@@ -174,10 +175,16 @@ def test_resume_after_kill_loses_and_duplicates_nothing(reference_run, tmp_path,
 
 def test_unimplemented_backend_and_missing_role(tmp_path):
     root = _project(tmp_path)
-    with pytest.raises(InputError, match="not implemented"):
+    with pytest.raises(InputError, match=r"backend=vllm needs vLLM.*persona-ops\[vllm\]"):
         ps.transcripts(_params(transcripts=ps.TranscriptsCfg(backend="vllm")), root)
     with pytest.raises(InputError, match="no role file for ghost"):
-        ps.role_names(_params(roles=ps.RolesCfg(dir="roles/instructions", names=["ghost"])), root)
+        ps.role_names(_params(roles=ps.RolesCfg(dir="roles/instructions", names=["default", "ghost"])), root)
+    with pytest.raises(InputError, match="'poet' is not in persona_space.roles.names"):
+        ps.transcripts(_params(roles=ps.RolesCfg(dir="roles/instructions", names=["default", "pirate"])), root,
+                       role="poet")
+    for names, fragment in ((["pirate"], "must list 'default'"), (["default", "pirate", "pirate"], "more than once")):
+        with pytest.raises(ValueError, match=fragment):
+            ps.RolesCfg(names=names)
 
 
 def test_judge_activations_space_trajectory(reference_run, tiny_loaded):
@@ -187,7 +194,7 @@ def test_judge_activations_space_trajectory(reference_run, tiny_loaded):
     params = _params()
     out = root / "out"
     j = ps.judge_roles(params, root, judge=StubJudge())
-    assert j.metrics["judged"] == 32 and not (out / "scores" / "default.scores.jsonl").exists()
+    assert j.metrics["judged"] == 32 and (out / "scores" / "default.scores.jsonl").read_text() == ""
     row = json.loads((out / "scores" / "pirate.scores.jsonl").read_text().splitlines()[3])
     assert row["index"] == 3 and row["label"] == 3 and ps.record_key(row) == (0, 1, 1)
     assert row["score"] == pytest.approx(2.8)
@@ -219,5 +226,76 @@ def test_judge_activations_space_trajectory(reference_run, tiny_loaded):
     for i, name in enumerate(space.roles):
         assert recs[0]["roles"][name]["pcs"] == pytest.approx(space.loadings[i, :2].tolist(), abs=1e-3)
     assert recs[0]["default"]["pcs"][0] > 0 and recs[0]["axis_cos_reference"] == pytest.approx(1.0, abs=1e-5)
+    for name in ("pc_scatter", "axis_projection", "pc_coordinates", "default_path"):
+        assert (out / "trajectory" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+    # capping: tau per layer from the default Assistant's projections on this space's axis
+    import numpy as np
+
+    from persona_ops.capping import load_capping
+
+    capped = ps.capping(params.model_copy(update={"capping": ps.CappingCfg(layers=[1, 2], percentile=25)}), root)
+    spec = load_capping(out / "capping.safetensors")
+    default_acts, _, _ = ps.read_activations(out / "activations", "default")
+    assert spec.layers == [1, 2] and capped.metrics["layers"] == 2
+    summary = json.loads((out / "capping.json").read_text())
+    for i, layer in enumerate(spec.layers):
+        u = space.unit_axis(layer)
+        floor = np.percentile((default_acts[:, space.row(layer)].double() @ u).numpy(), 25)
+        assert float(spec.tau[i]) == pytest.approx(-floor, abs=1e-5)
+        assert summary["layers"][str(layer)]["assistant_floor"] == pytest.approx(floor, abs=1e-5)
+    assert capped.register == {"capping-spec-smollm2-135m-instruct": out / "capping.safetensors"}
+    with pytest.raises(InputError, match=r"\[3\] were not captured"):
+        ps.capping(params.model_copy(update={"capping": ps.CappingCfg(layers=[2, 4])}), root)
+
+
+def test_one_role_at_a_time_and_stale_activations(reference_run, tiny_loaded, tmp_path):
+    """What a DVC stage ``STAGE@role`` runs: only that role's files; activations are reused only
+    while they match the role's transcripts."""
+    ref_root, _ = reference_run
+    root = _project(tmp_path)
+    shutil.copytree(ref_root / "out" / "transcripts", root / "out" / "transcripts")
+    params = _params()
+    acts = root / "out" / "activations"
+    first = ps.role_activations(params, root, loaded=tiny_loaded, role="surfer")
+    assert first.metrics["roles"] == 1 and sorted(p.name for p in acts.iterdir()) == [
+        "surfer_activations.safetensors", "surfer_metadata.json"]
+    assert ps.role_activations(params, root, loaded=tiny_loaded, role="surfer").metrics["roles_skipped"] == 1
+    # new responses under the same keys (e.g. a retrained reference model): captured again
+    path = root / "out" / "transcripts" / "surfer.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "response": r["response"] + " ahoy"}) + "\n" for r in recs))
+    again = ps.role_activations(params, root, loaded=tiny_loaded, role="surfer")
+    assert again.metrics["roles_skipped"] == 0 and again.metrics["captured"] == len(recs)
+    j = ps.judge_roles(params, root, judge=StubJudge(), role="surfer")
+    assert j.metrics["judged"] == len(recs) and sorted(p.name for p in (root / "out" / "scores").iterdir()) == [
+        "surfer.scores.jsonl", "surfer.scores.provenance.json"]
+
+
+def test_families_side_by_side(reference_run, tiny_loaded, tmp_path):
+    """Two model families in one trajectory: one record per checkpoint tagged with its family,
+    one metric per family, the plots drawn; identical models give flat, equal trajectories."""
+    ref_root, _ = reference_run
+    root = tmp_path
+    shutil.copytree(ref_root / "roles", root / "roles")
+    shutil.copytree(ref_root / "out" / "transcripts", root / "out" / "transcripts")
+    out = root / "out"
+    ps.judge_roles(_params(), root, judge=StubJudge())
+    ps.role_activations(_params(), root, loaded=tiny_loaded)
+    ps.persona_space(_params(), root)
+    ckpts = [ps.CheckpointCfg(label=f"{fam}-{step}", family=fam, step=step, model=ps.ModelRef(name="unused"))
+             for fam in ("aligned", "control") for step in (0, 10)]
+    params = _params(trajectory=ps.TrajectoryCfg(checkpoints=ckpts))
+    assert list(params.trajectory.families()) == ["aligned", "control"]
+    for c in ckpts:
+        ps.role_activations(params, root, loaded=tiny_loaded, checkpoint=c.label)
+    t = ps.trajectory(params, root)
+    recs = [json.loads(x) for x in (out / "trajectory" / "trajectory.jsonl").read_text().splitlines()]
+    assert [(r["family"], r["checkpoint"], r["step"]) for r in recs] == [
+        ("aligned", "aligned-0", 0), ("aligned", "aligned-10", 10), ("control", "control-0", 0),
+        ("control", "control-10", 10)]
+    assert t.metrics["families"] == 2
+    assert t.metrics["aligned/default_axis_change"] == t.metrics["control/default_axis_change"] == 0
+    assert recs[0]["default"] == recs[2]["default"]
     for name in ("pc_scatter", "axis_projection", "pc_coordinates", "default_path"):
         assert (out / "trajectory" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

@@ -3,55 +3,26 @@
 from __future__ import annotations
 
 import math
-import socket
-import threading
-import time
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
+from conftest import serve_app
 
 from persona_ops.judge import aggregate_token_logprobs
 from persona_ops.judge.local import chat_token_ids, digit_token_ids
 from persona_ops.judge.openai_backend import OpenAIJudge
-from persona_ops.server import create_app
+from persona_ops.server import TokenBytes, create_app
 
 MESSAGES = [{"role": "user", "content": "Tell me about pirates."}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server_url(tiny_loaded):
     """uvicorn serving the tiny model on a free 127.0.0.1 port, in a background thread."""
-    yield from _serve(create_app(tiny_loaded))
-
-
-def _serve(app):
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_app(create_app(tiny_loaded)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +94,22 @@ def test_stop_sequence(client):
     assert cut.finish_reason == "stop"
     assert cut.message.content == full.message.content[:full.message.content.index(stop)]
     assert len(cut.logprobs.content) < len(tokens)
+    cut_resp = client.chat.completions.create(stop=[stop], **kwargs)
+    # usage counts the tokens generated until the stop string was complete (it is not returned)
+    assert cut_resp.usage.completion_tokens == len(cut_resp.choices[0].logprobs.content) + 1
+
+
+def test_completions_come_from_the_engine(client, tiny_loaded):
+    """A request gives the rows of the engine's own seeded call (n rows share one generator)."""
+    from persona_ops.engine import generate_tokens
+    from persona_ops.generation import SamplingParams
+
+    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, n=3, max_tokens=6, temperature=0.8,
+                                          top_p=0.9, seed=21)
+    tok = tiny_loaded.tokenizer
+    rows = generate_tokens(tiny_loaded, [chat_token_ids(tok, MESSAGES)] * 3, SamplingParams(6, 0.8, 0.9, 21))
+    assert [c.message.content for c in resp.choices] == [tok.decode(r, skip_special_tokens=True) for r in rows]
+    assert len({c.message.content for c in resp.choices}) == 3
 
 
 def test_bad_requests(client, server_url):
@@ -164,8 +151,8 @@ def test_openai_judge_against_server(client, server_url, tiny_loaded, monkeypatc
 
 
 @pytest.fixture(scope="module")
-def steer_client(smol_tokenizer, tmp_path_factory):
-    """A server with a named vector and a LoRA adapter, on its own tiny model."""
+def steer_model(smol_tokenizer, tmp_path_factory):
+    """A tiny model, a vector ``[4, 64]`` for it and a LoRA adapter directory."""
     from peft import LoraConfig, get_peft_model
 
     from persona_ops.models import LoadedModel, tiny_model
@@ -177,8 +164,15 @@ def steer_client(smol_tokenizer, tmp_path_factory):
     peft_model.save_pretrained(adapter_dir)
     loaded = LoadedModel(model=model, tokenizer=smol_tokenizer, label="tiny-steer")
     vec = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 20
+    return loaded, vec, adapter_dir
+
+
+@pytest.fixture(scope="module")
+def steer_client(steer_model):
+    """A server with a named vector and a LoRA adapter, on its own tiny model."""
+    loaded, vec, adapter_dir = steer_model
     app = create_app(loaded, vectors={"evil": vec}, adapters={"pirate": str(adapter_dir)})
-    for url in _serve(app):
+    with serve_app(app) as url:
         with openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30) as c:
             yield c
 
@@ -211,3 +205,40 @@ def test_adapter_per_request(steer_client):
     assert _ask(steer_client, adapter="pirate") == adapted
     with pytest.raises(openai.BadRequestError, match="adapter"):
         _ask(steer_client, adapter="nope")
+
+
+def test_steered_sampled_logprobs_are_the_steered_models(steer_client, steer_model):
+    """Sampled + steered: the tokens are the engine's, and their logprobs are those of a plain
+    forward with persona_vectors' hook (block layer-1 gets coef * v from the last prompt token on)."""
+    from persona_ops.engine import generate_tokens
+    from persona_ops.generation import SamplingParams
+    from persona_ops.interventions import Intervention
+
+    loaded, vec, _ = steer_model
+    steering = {"steering": [{"vector": "evil", "layer": 2, "coef": 3.0}]}
+    resp = steer_client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.0,
+                                                seed=5, logprobs=True, top_logprobs=3, extra_body=steering)
+    prompt = chat_token_ids(loaded.tokenizer, MESSAGES)
+    tokens, = generate_tokens(loaded, [prompt], SamplingParams(6, 1.0, 1.0, 5),
+                              [Intervention("add", 2, vec[2], coef=3.0, positions="response")])
+    content = resp.choices[0].logprobs.content
+    assert [bytes(e.bytes) for e in content] == [TokenBytes(loaded.tokenizer)(t) for t in tokens]
+
+    def hook(module, args, output):
+        h = (output[0] if isinstance(output, tuple) else output).clone()
+        h[:, len(prompt) - 1:] += 3.0 * vec[2]
+        return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
+    handle = loaded.layers[1].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = loaded.model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:]
+    finally:
+        handle.remove()
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    expected = [float(logp[j, t]) for j, t in enumerate(tokens)]
+    assert [e.logprob for e in content] == pytest.approx(expected, abs=1e-4)
+    assert [t.logprob for t in content[0].top_logprobs] == pytest.approx(logp[0].topk(3).values.tolist(), abs=1e-4)
+    plain = steer_client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.0,
+                                                 seed=5, logprobs=True)
+    assert [e.logprob for e in plain.choices[0].logprobs.content] != pytest.approx(expected, abs=1e-4)

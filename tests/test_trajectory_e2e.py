@@ -1,10 +1,14 @@
-"""End to end on the embedded model: `dvc repro trajectory` in a temporary repo with a tiny
-configuration - LoRA fine-tune, persona space, checkpoint activations, trajectory report -
-then MLflow holds the persona space and the adapter, and a second `dvc repro` does nothing."""
+"""End to end on the embedded model: the `trajectory` Prefect flow (under the test harness)
+drives the DVC stages in a temporary repo with a tiny configuration - LoRA fine-tune, role
+stages fanned out per role, persona space, capping spec, checkpoint activations, trajectory
+report - then MLflow holds the persona space, the capping spec and the adapter, `dvc repro`
+has nothing left to do, and a new role or a changed role file reruns only that role's stages."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,8 @@ import yaml
 from conftest import copy_project, run_dvc
 
 ROOT = Path(__file__).resolve().parents[1]
+ROLES = ["default", "pirate", "therapist", "zen_monk"]
+TARGETS = ("trajectory", "capping")
 pytestmark = pytest.mark.slow
 
 
@@ -19,16 +25,27 @@ def _dvc(project: Path, *args: str):
     return run_dvc(project, *args, env={"MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db"})
 
 
+def _changed(project: Path) -> set[str]:
+    out = _dvc(project, "status", "--json", "--with-deps", *TARGETS)
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout or "{}"))
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
+    """A copy of the project with 3 roles + default in their own directory (``roles.names``
+    null: the flow writes the list into params.yaml) and a 4-step fine-tune."""
     proj = tmp_path_factory.mktemp("traj")
     copy_project(proj)
+    (proj / "roles").mkdir()
+    for name in ROLES:
+        shutil.copy(ROOT / "data/roles/instructions" / f"{name}.json", proj / "roles")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     ft = params["finetune"]
     ft["train"].update(max_steps=4, save_every=2, limit=8)
     ps = params["persona_space"]
     ps["model"]["adapter"] = f"{ft['out']}/checkpoint-4"
-    ps["roles"].update(names=["pirate", "therapist", "zen_monk"], instructions_limit=1, questions_limit=2)
+    ps["roles"].update(dir="roles", names=None, instructions_limit=1, questions_limit=2)
     ps["transcripts"]["max_new_tokens"] = 12
     ps["trajectory"]["checkpoints"] = [
         {"label": "base", "step": 0, "model": {"name": "embedded", "adapter": None}},
@@ -39,13 +56,40 @@ def project(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def repro(project):
-    out = _dvc(project, "repro", "trajectory")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+def flow_result(project, tmp_path_factory):
+    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect")))
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipelines import trajectory
+
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project}/mlflow.db"  # the stage subprocesses inherit it
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            return trajectory(root=str(project))
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
 
 
-def test_trajectory_outputs(project, repro):
+def test_flow_fans_out_over_roles(project, flow_result):
+    names = yaml.safe_load((project / "params.yaml").read_text())["persona_space"]["roles"]["names"]
+    assert names == ROLES  # null was written out as the list DVC's foreach runs over
+    stages = flow_result["stages"]
+    for stage in ("role_transcripts", "role_judge", "role_activations"):
+        assert all(stages[f"{stage}@{r}"] == "ran" for r in ROLES), stages
+    assert stages["capping"] == "ran" and stages["checkpoint_activations@2"] == "ran"
+    base = project / "outputs/persona_space"
+    assert sorted(p.name for p in (base / "activations").glob("*.safetensors")) == sorted(
+        f"{r}_activations.safetensors" for r in ROLES)
+    assert (base / "scores/default.scores.jsonl").read_text() == ""
+
+
+def test_trajectory_outputs(project, flow_result):
+    from persona_ops.capping import load_capping
+
     base = project / "outputs/persona_space"
     records = [json.loads(line) for line in (base / "trajectory/trajectory.jsonl").read_text().splitlines()]
     assert [r["checkpoint"] for r in records] == ["base", "step-2", "step-4"]
@@ -59,15 +103,40 @@ def test_trajectory_outputs(project, repro):
     assert records[0]["axis_cos_reference"] < 1.0 - 1e-6
     manifest = json.loads((project / "outputs/finetune/pirate/manifest.json").read_text())
     assert [c["step"] for c in manifest["checkpoints"]] == [2, 4]
+    spec = load_capping(base / "capping.safetensors")
+    summary = json.loads((base / "capping.json").read_text())
+    assert spec.layers == [22, 23, 24, 25] and spec.vectors.shape == (4, 576)
+    n_default = len(json.loads((base / "activations/default_metadata.json").read_text()))
+    assert summary["n_default_samples"] == n_default >= 1 and set(summary["layers"]) == {"22", "23", "24", "25"}
 
 
-def test_registry_and_nothing_left_to_do(project, repro):
+def test_registry_and_nothing_left_to_do(project, flow_result):
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{project}/mlflow.db"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     space = client.get_model_version_by_alias("persona-space-smollm2-135m-instruct", "candidate")
+    capping = client.get_model_version_by_alias("capping-spec-smollm2-135m-instruct", "candidate")
     adapter = client.get_model_version_by_alias("lora-adapter-pirate", "candidate")
-    assert space.tags["model"].endswith("checkpoint-4") and adapter.tags["sha256"]
-    again = _dvc(project, "repro", "trajectory")
+    assert space.tags["model"].endswith("checkpoint-4") and adapter.tags["sha256"] and capping.tags["dvc_md5"]
+    assert _changed(project) == set()
+    again = _dvc(project, "repro", *TARGETS)
     assert again.returncode == 0 and "Running stage" not in again.stdout
+
+
+def test_a_new_role_or_role_file_reruns_only_that_role(project, flow_result):
+    params_path, pirate = project / "params.yaml", project / "roles/pirate.json"
+    saved_params, saved_pirate = params_path.read_text(), pirate.read_bytes()
+    shutil.copy(ROOT / "data/roles/instructions/poet.json", project / "roles")
+    params = yaml.safe_load(saved_params)
+    params["persona_space"]["roles"]["names"].append("poet")
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    role_stages = {s for s in _changed(project) if s.startswith("role_")}
+    assert role_stages == {"role_transcripts@poet", "role_judge@poet", "role_activations@poet"}
+    assert "persona_space" in _changed(project)  # the space has a new role
+
+    params_path.write_text(saved_params)
+    pirate.write_bytes(saved_pirate + b"\n")
+    assert _changed(project) == {"role_transcripts@pirate", "role_judge@pirate"}
+    pirate.write_bytes(saved_pirate)
+    assert _changed(project) == set()

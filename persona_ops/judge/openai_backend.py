@@ -1,4 +1,5 @@
-"""A judge behind any OpenAI-compatible endpoint (OpenAI, vLLM, ``persona-ops serve-model``).
+"""A judge behind any OpenAI-compatible endpoint (OpenAI, vLLM, ``persona-ops serve-model``),
+and the endpoint plumbing (key, concurrency bound, retries) that generation reuses.
 
 One user message per prompt, ``max_tokens=1, temperature=0, logprobs=True,
 top_logprobs=20, seed=0``; the score aggregates the first token's top-20 logprobs
@@ -15,6 +16,7 @@ import concurrent.futures
 import os
 import random
 import re
+from typing import Awaitable, Callable, Sequence, TypeVar
 from urllib.parse import urlparse
 
 import openai
@@ -25,6 +27,8 @@ from persona_ops.judge.scoring import MIN_MASS, aggregate_score, numeric_probs
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 _KEY_PATTERN = re.compile(r"\bsk-[A-Za-z0-9_*\-]{4,}")
 _MAX_DELAY = 300.0
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def is_local_url(base_url: str | None) -> bool:
@@ -51,69 +55,62 @@ def _retry_after(headers) -> float | None:
     return None
 
 
-class OpenAIJudge:
-    """Logprob judge over the chat-completions API; ``label`` keys the cache."""
+class OpenAIEndpoint:
+    """An OpenAI-compatible endpoint as the project uses it: the API key read from the
+    environment variable ``api_key_env`` (not needed for a server on this machine, never
+    shown), one async client per batch of requests, at most ``max_concurrency`` requests in
+    flight, and retries with backoff (see the module docstring). The judge and the
+    ``openai`` generation backend (:mod:`persona_ops.backends`) both call through it.
+    ``who`` names the caller (a config section) in error messages.
+    """
 
-    def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+    def __init__(self, who: str, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  max_concurrency: int = 16, max_retries: int = 5, timeout: float = 60.0,
                  backoff_base: float = 1.0, backoff_max: float = 60.0):
         if max_concurrency < 1 or max_retries < 0:
-            raise InputError("judge: max_concurrency must be >= 1 and max_retries >= 0")
-        self.model = model
-        self.base_url = base_url
-        self.api_key_env = api_key_env
-        self.max_concurrency = max_concurrency
-        self.max_retries = max_retries
-        self.timeout = timeout
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self.label = f"openai:{model}"
+            raise InputError(f"{who}: max_concurrency must be >= 1 and max_retries >= 0")
+        self.who, self.model, self.base_url = who, model, base_url
+        self.max_concurrency, self.max_retries, self.timeout = max_concurrency, max_retries, timeout
+        self.backoff_base, self.backoff_max = backoff_base, backoff_max
         self.requests_sent = 0  # HTTP attempts, retries included
         key = os.environ.get(api_key_env)
         if not key:
             if not is_local_url(base_url):
-                raise InputError(f"judge: the environment variable {api_key_env} (API key) is not set")
+                raise InputError(f"{who}: the environment variable {api_key_env} (API key) is not set")
             key = "not-needed-for-a-local-server"
         self._api_key = key
 
     def __repr__(self) -> str:  # never show the key
-        return f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r})"
+        return f"OpenAIEndpoint(model={self.model!r}, base_url={self.base_url!r})"
 
-    def score_prompts(self, prompts: list[str], lo: int = 0, hi: int = 100
-                      ) -> list[tuple[float | None, dict[int, float]]]:
-        """Score each prompt (blocking); usable from any thread, with or without an event loop."""
+    def map(self, call: Callable[[openai.AsyncOpenAI, T], Awaitable[R]], items: Sequence[T]) -> list[R]:
+        """``call(client, item)`` for every item, concurrently and with retries; results in
+        input order. Blocking; usable from any thread, with or without a running event loop."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.ascore_prompts(prompts, lo, hi))
+            return asyncio.run(self.amap(call, items))
         # Called from inside a running loop (a notebook): run ours on a helper thread.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, self.ascore_prompts(prompts, lo, hi)).result()
+            return pool.submit(asyncio.run, self.amap(call, items)).result()
 
-    async def ascore_prompts(self, prompts: list[str], lo: int = 0, hi: int = 100
-                             ) -> list[tuple[float | None, dict[int, float]]]:
-        """Score each prompt concurrently (at most ``max_concurrency`` requests in flight)."""
+    async def amap(self, call: Callable[[openai.AsyncOpenAI, T], Awaitable[R]], items: Sequence[T]) -> list[R]:
+        """:meth:`map` inside an event loop."""
         semaphore = asyncio.Semaphore(self.max_concurrency)
         async with openai.AsyncOpenAI(api_key=self._api_key, base_url=self.base_url, max_retries=0,
                                       timeout=self.timeout) as client:
-            async def one(prompt: str) -> tuple[float | None, dict[int, float]]:
+            async def one(item: T) -> R:
                 async with semaphore:
-                    top = await self._top_logprobs(client, prompt)
-                probs = numeric_probs(top, lo, hi)
-                return aggregate_score(probs, lo, hi, MIN_MASS), probs
+                    return await self._with_retries(call, client, item)
 
-            return list(await asyncio.gather(*(one(p) for p in prompts)))
+            return list(await asyncio.gather(*(one(item) for item in items)))
 
-    async def _top_logprobs(self, client: openai.AsyncOpenAI, prompt: str) -> list[tuple[str, float]]:
-        """(token, logprob) pairs of the first answer token, with retries."""
+    async def _with_retries(self, call, client: openai.AsyncOpenAI, item):
         for attempt in range(self.max_retries + 1):
             delay = None
             try:
                 self.requests_sent += 1
-                response = await client.chat.completions.create(
-                    model=self.model, messages=[{"role": "user", "content": prompt}], max_tokens=1,
-                    temperature=0, logprobs=True, top_logprobs=20, seed=0)
-                return _first_token_top(response)
+                return await call(client, item)
             except openai.APIStatusError as e:
                 status = e.status_code
                 if status != 429 and status < 500:
@@ -125,7 +122,7 @@ class OpenAIJudge:
             except openai.APIConnectionError:
                 reason = "connection error"
             if attempt == self.max_retries:
-                raise TransientError(f"judge {self.model}: {reason}; gave up after "
+                raise TransientError(f"{self.who} {self.model}: {reason}; gave up after "
                                      f"{self.max_retries + 1} attempts") from None
             if delay is None:
                 step = min(self.backoff_max, self.backoff_base * 2 ** attempt)
@@ -138,8 +135,52 @@ class OpenAIJudge:
         body = error.body if isinstance(error.body, dict) else {}
         detail = str(body.get("message") or error.message or "")
         where = f" at {self.base_url}" if self.base_url else ""
-        return redact(f"judge request to {self.model}{where} failed ({what}, not retried): {detail}",
+        return redact(f"{self.who} request to {self.model}{where} failed ({what}, not retried): {detail}",
                       self._api_key)
+
+
+class OpenAIJudge:
+    """Logprob judge over the chat-completions API; ``label`` keys the cache."""
+
+    def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                 max_concurrency: int = 16, max_retries: int = 5, timeout: float = 60.0,
+                 backoff_base: float = 1.0, backoff_max: float = 60.0):
+        self.endpoint = OpenAIEndpoint("judge", model, base_url, api_key_env, max_concurrency, max_retries,
+                                       timeout, backoff_base, backoff_max)
+        self.model, self.base_url = model, base_url
+        self.label = f"openai:{model}"
+
+    def __repr__(self) -> str:  # never show the key
+        return f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r})"
+
+    @property
+    def requests_sent(self) -> int:
+        """HTTP attempts, retries included."""
+        return self.endpoint.requests_sent
+
+    def score_prompts(self, prompts: list[str], lo: int = 0, hi: int = 100
+                      ) -> list[tuple[float | None, dict[int, float]]]:
+        """Score each prompt (blocking); usable from any thread, with or without an event loop."""
+        tops = self.endpoint.map(self._top_logprobs, prompts)
+        return [self._aggregate(top, lo, hi) for top in tops]
+
+    async def ascore_prompts(self, prompts: list[str], lo: int = 0, hi: int = 100
+                             ) -> list[tuple[float | None, dict[int, float]]]:
+        """Score each prompt concurrently (at most ``max_concurrency`` requests in flight)."""
+        tops = await self.endpoint.amap(self._top_logprobs, prompts)
+        return [self._aggregate(top, lo, hi) for top in tops]
+
+    @staticmethod
+    def _aggregate(top: list[tuple[str, float]], lo: int, hi: int) -> tuple[float | None, dict[int, float]]:
+        probs = numeric_probs(top, lo, hi)
+        return aggregate_score(probs, lo, hi, MIN_MASS), probs
+
+    async def _top_logprobs(self, client: openai.AsyncOpenAI, prompt: str) -> list[tuple[str, float]]:
+        """(token, logprob) pairs of the first answer token (one attempt; the endpoint retries)."""
+        response = await client.chat.completions.create(
+            model=self.model, messages=[{"role": "user", "content": prompt}], max_tokens=1,
+            temperature=0, logprobs=True, top_logprobs=20, seed=0)
+        return _first_token_top(response)
 
 
 def _first_token_top(response) -> list[tuple[str, float]]:

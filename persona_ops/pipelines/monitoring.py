@@ -70,8 +70,7 @@ def steering_sweep(params, trait: str, root: Path):
     import torch
 
     from persona_ops.data import load_trait
-    from persona_ops.engine import generate_text
-    from persona_ops.generation import SamplingParams
+    from persona_ops.generation import SamplingParams, generate
     from persona_ops.interventions import Intervention
     from persona_ops.io import provenance, write_json, write_jsonl
     from persona_ops.judge import COHERENCE_PROMPT, fill_template, make_judge
@@ -102,7 +101,7 @@ def steering_sweep(params, trait: str, root: Path):
             coefs = torch.tensor([r["coef"] if (r["kind"], r["layer"]) == (kind, layer) else 0.0 for r in rows])
             interventions.append(Intervention(kind, layer, vector[layer], coef=coefs, positions=sp.positions))
     sampling = SamplingParams(sp.max_new_tokens, sp.temperature, 1.0, sp.seed)
-    answers = generate_text(loaded, prompts, sampling, interventions, batch_size=sp.batch_size, progress=True)
+    answers = generate(loaded, prompts, sampling, sp.batch_size, interventions)
     j = params.judge
     same = (j.backend == "local" and j.model == m.name and j.revision == m.revision)
     judge = make_judge(j.backend, j.model, revision=j.revision, base_url=j.base_url, api_key_env=j.api_key_env,

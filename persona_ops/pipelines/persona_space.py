@@ -5,18 +5,20 @@ Stages, each ``fn(params, root, ...) -> StageResult``, reading and writing files
 
     transcripts/<role>.jsonl                  roles x instructions x questions x rollouts
     transcripts/<role>.provenance.json        what made it (and the resume fingerprint)
-    scores/<role>.scores.jsonl                0-3 role expression per record (not for default)
+    scores/<role>.scores.jsonl                0-3 role expression per record (empty for default)
     activations/<role>_activations.safetensors  response_avg [n, len(layers), H] (header: layers)
     activations/<role>_metadata.json          [{system_prompt_idx, question_idx, rollout_idx}] per row
     persona_space.safetensors                 PCA + Assistant Axis (persona_ops.persona_space)
     persona_space.metrics.json                variance explained, PCs for 70/80/90%, dropped roles, cosines
     role_vectors.safetensors                  one [rows, H] vector per kept role, plus ``default``
+    capping.safetensors, capping.json         activation-capping spec on the axis (persona_ops.capping)
     checkpoints/<label>/activations/...       the same transcripts replayed through a checkpoint
-    trajectory/trajectory.jsonl, *.png        checkpoints placed in the reference space
+    trajectory/trajectory.jsonl, *.png        checkpoints placed in the reference space, per family
 
 Layers follow ``hidden_states`` indexing (0 = embedding output). The default role
-(``default.json``) is always included: the axis needs it. Nothing here imports prefect,
-mlflow or dvc.
+(``default.json``) is always included: the axis needs it (``roles.names`` must list it).
+The transcripts, judge and activations stages take ``role=`` to run one role (what the DVC
+stage ``STAGE@role`` does) or run them all. Nothing here imports prefect, mlflow or dvc.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from persona_ops.backends import Backend, OpenAIGenerationCfg, VLLMCfg
 from persona_ops.data import DEFAULT_ROLE, Role, load_questions, load_role
 from persona_ops.errors import InputError
 from persona_ops.judge.settings import JudgeCfg
@@ -62,14 +65,29 @@ class ModelRef(_Section):
 class RolesCfg(_Section):
     dir: str = "data/roles/instructions"
     questions: str = "data/roles/questions.jsonl"
-    names: list[str] | None = None  # None = every role file in dir; default is always added
+    # the roles, ``default`` included (DVC runs one stage per name); None = every role file in dir,
+    # which `persona-ops run` writes out into params.yaml (DVC's foreach needs the list)
+    names: list[str] | None = None
     instructions_limit: int | None = Field(None, ge=1)
     questions_limit: int | None = Field(None, ge=1)
     model_name: str | None = None  # fills {model_name} in default.json; None = derived from model.name
 
+    @field_validator("names")
+    @classmethod
+    def _default_listed_once(cls, names: list[str] | None) -> list[str] | None:
+        if names is None:
+            return None
+        if DEFAULT_ROLE not in names:
+            raise ValueError(f"must list {DEFAULT_ROLE!r} (the Assistant Axis needs the default role, "
+                             f"and DVC runs one stage per listed role), e.g. [{DEFAULT_ROLE}, pirate, ...]")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"lists {', '.join(dup)} more than once")
+        return names
+
 
 class TranscriptsCfg(_Section):
-    backend: Literal["hf", "vllm", "openai"] = "hf"
+    backend: Backend = "hf"  # hf (the reference model on the engine) | vllm | openai (see persona_ops.backends)
     rollouts: int = Field(1, ge=1)
     max_new_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.7, ge=0)
@@ -78,6 +96,8 @@ class TranscriptsCfg(_Section):
     batch_size: int = Field(32, ge=1)
     chunk_size: int = Field(64, ge=1)  # records generated and appended per chunk
     resume: bool = True
+    openai: OpenAIGenerationCfg = Field(default_factory=OpenAIGenerationCfg)
+    vllm: VLLMCfg = Field(default_factory=VLLMCfg)
 
 
 class RoleActivationsCfg(_Section):
@@ -99,15 +119,53 @@ class SpaceCfg(_Section):
 
 
 class CheckpointCfg(_Section):
-    label: str
+    label: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # names a directory and a DVC item
     model: ModelRef
     step: float | None = None
+    family: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # families are compared side by side
 
 
 class TrajectoryCfg(_Section):
+    """Checkpoints replaying the reference transcripts. A plain list is one family; with ``family``
+    set on every checkpoint the report draws one trajectory per family (labels stay unique)."""
+
     checkpoints: list[CheckpointCfg] = Field(default_factory=list)
     n_pcs: int = Field(3, ge=1)
     label_roles: list[str] | None = None  # roles labelled in scatter plots; None = all
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _labels_unique_families_consistent(cls, checkpoints: list[CheckpointCfg]) -> list[CheckpointCfg]:
+        labels = [c.label for c in checkpoints]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"checkpoint labels must be unique (across families too); repeated: {', '.join(dup)}")
+        if len({c.family is None for c in checkpoints}) > 1:
+            raise ValueError("give every checkpoint a family, or none (a plain list is one family); "
+                             f"without one: {[c.label for c in checkpoints if c.family is None]}")
+        return checkpoints
+
+    def families(self) -> dict[str | None, list[CheckpointCfg]]:
+        """Checkpoints by family, in order of first appearance (``{None: all}`` without families)."""
+        out: dict[str | None, list[CheckpointCfg]] = {}
+        for c in self.checkpoints:
+            out.setdefault(c.family, []).append(c)
+        return out
+
+
+class CappingCfg(_Section):
+    """Activation capping along this persona space's Assistant Axis (see ``persona_ops.capping``):
+    at each layer the axis projection is floored at ``percentile`` of the default Assistant's."""
+
+    layers: list[int] | None = None  # [first, last] hidden_states indices, inclusive; None = the space layer
+    percentile: float = Field(25.0, ge=0, le=100)  # the paper's 25th percentile
+
+    @field_validator("layers")
+    @classmethod
+    def _first_last(cls, layers: list[int] | None) -> list[int] | None:
+        if layers is not None and (len(layers) != 2 or not 1 <= layers[0] <= layers[1]):
+            raise ValueError("expected [first, last] with 1 <= first <= last (hidden_states indices)")
+        return layers
 
 
 class PersonaSpaceParams(_Section):
@@ -121,6 +179,7 @@ class PersonaSpaceParams(_Section):
     vectors: RoleVectorsCfg = Field(default_factory=RoleVectorsCfg)
     space: SpaceCfg = Field(default_factory=SpaceCfg)
     trajectory: TrajectoryCfg = Field(default_factory=TrajectoryCfg)
+    capping: CappingCfg = Field(default_factory=CappingCfg)
     out: str = str(OUT)
 
 
@@ -137,7 +196,8 @@ def activations_dir(params: PersonaSpaceParams, root: Path, checkpoint: str | No
 
 
 def role_names(params: PersonaSpaceParams, root: Path) -> list[str]:
-    """Roles to process: ``roles.names`` or every ``*.json`` in ``roles.dir``; default first."""
+    """Roles to process: ``roles.names`` or every ``*.json`` in ``roles.dir``; default first.
+    The files must exist (an InputError names the missing ones)."""
     d = Path(root) / params.roles.dir
     available = sorted(p.stem for p in d.glob("*.json"))
     if not available:
@@ -150,9 +210,19 @@ def role_names(params: PersonaSpaceParams, root: Path) -> list[str]:
     return [DEFAULT_ROLE] + [n for n in names if n != DEFAULT_ROLE]
 
 
-def load_roles(params: PersonaSpaceParams, root: Path) -> list[Role]:
+def selected_roles(params: PersonaSpaceParams, root: Path, role: str | None = None) -> list[str]:
+    """Every role of :func:`role_names`, or only ``role`` (what one DVC stage ``STAGE@role`` runs)."""
+    names = role_names(params, root)
+    if role is None:
+        return names
+    if role not in names:
+        raise InputError(f"role {role!r} is not in persona_space.roles.names ({', '.join(names)})")
+    return [role]
+
+
+def load_roles(params: PersonaSpaceParams, root: Path, role: str | None = None) -> list[Role]:
     d = Path(root) / params.roles.dir
-    return [load_role(d / f"{n}.json") for n in role_names(params, root)]
+    return [load_role(d / f"{n}.json") for n in selected_roles(params, root, role)]
 
 
 def model_short_name(params: PersonaSpaceParams) -> str:
@@ -174,9 +244,16 @@ def _load_model(ref: ModelRef):
 
     loaded = load_model(ref.name, ref.revision, dtype=ref.dtype, device=ref.device)
     if ref.adapter:
+        import dataclasses
+
+        from persona_ops.io import sha256_file
         from persona_ops.training import load_adapter_checkpoint
 
         loaded = load_adapter_checkpoint(loaded, ref.adapter)
+        # the adapter's content in the label: resumable outputs made by a retrained adapter at the
+        # same path no longer match (transcript fingerprints, activation headers)
+        digest = sha256_file(Path(ref.adapter) / "adapter_model.safetensors")[:12]
+        loaded = dataclasses.replace(loaded, label=f"{loaded.label}#{digest}")
     return loaded
 
 
@@ -218,7 +295,8 @@ def build_role_requests(role: Role, questions: list, tokenizer, params: PersonaS
 
 
 def _fingerprint(requests: list[dict], params: PersonaSpaceParams, model_label: str) -> str:
-    """What the records of a role depend on: prompts, sampling, chunking and the model."""
+    """What the records of a role depend on: prompts, sampling, chunking and what generates
+    (``model_label``: the generator's label, which names the backend and its model)."""
     t = params.transcripts
     h = hashlib.sha256()
     h.update(json.dumps({"model": model_label, "backend": t.backend, "max_new_tokens": t.max_new_tokens,
@@ -265,9 +343,10 @@ def _transcript_paths(d: Path, role: str) -> dict[str, Path]:
             "partial": d / f"{role}.partial.jsonl", "partial_meta": d / f"{role}.partial.meta.json"}
 
 
-def generate_role_transcripts(loaded, role: Role, questions: list, params: PersonaSpaceParams, d: Path,
+def generate_role_transcripts(generator, role: Role, questions: list, params: PersonaSpaceParams, d: Path,
                               on_chunk: Callable[[str, int], None] | None = None) -> dict:
-    """Generate (or resume) one role's transcripts into ``d/<role>.jsonl``.
+    """Generate (or resume) one role's transcripts into ``d/<role>.jsonl`` with ``generator``
+    (:func:`persona_ops.backends.make_generator`: any backend).
 
     Requests are cut into fixed chunks, each generated with its own seed and appended to
     ``<role>.partial.jsonl`` in one flushed write. On resume, records already in the partial
@@ -276,12 +355,14 @@ def generate_role_transcripts(loaded, role: Role, questions: list, params: Perso
     is written atomically, then the partial files are removed. ``on_chunk(role, i)`` is
     called after chunk ``i`` is on disk. Returns counts.
     """
-    from persona_ops.generation import SamplingParams, generate
+    from persona_ops.chat import chat_messages
+    from persona_ops.generation import SamplingParams
 
     t = params.transcripts
     p = _transcript_paths(d, role.name)
-    requests = build_role_requests(role, questions, loaded.tokenizer, params)
-    fp = _fingerprint(requests, params, loaded.label)
+    tok = generator.tokenizer
+    requests = build_role_requests(role, questions, tok, params)
+    fp = _fingerprint(requests, params, generator.label)
     if t.resume and p["final"].exists() and p["provenance"].exists() \
             and read_json(p["provenance"]).get("fingerprint") == fp:
         for k in ("partial", "partial_meta"):
@@ -304,8 +385,8 @@ def generate_role_transcripts(loaded, role: Role, questions: list, params: Perso
         if all(record_key(r) in done for r in chunk):
             continue
         sampling = SamplingParams(t.max_new_tokens, t.temperature, t.top_p, chunk_seed(t.seed, role.name, ci))
-        answers = generate(loaded, [r["prompt"] for r in chunk], sampling, t.batch_size,
-                           desc=f"transcripts {role.name} {ci}")
+        chats = [chat_messages(tok, r["system_prompt"] or None, r["question"]) for r in chunk]  # as in "prompt"
+        answers = generator.generate(chats, sampling, t.batch_size)
         new = [dict(r, response=a) for r, a in zip(chunk, answers) if record_key(r) not in done]
         _append(p["partial"], new)
         done.update((record_key(r), r) for r in new)
@@ -314,7 +395,7 @@ def generate_role_transcripts(loaded, role: Role, questions: list, params: Perso
             on_chunk(role.name, ci)
 
     write_jsonl(p["final"], [done[k] for k in expected])
-    prov = provenance(stage="persona_space.transcripts", params=params.model_dump(), model=loaded.label,
+    prov = provenance(stage="persona_space.transcripts", params=params.model_dump(), model=generator.label,
                       inputs=[role.path])
     write_json(p["provenance"], {"fingerprint": fp, "records": len(requests), **prov})
     p["partial"].unlink(missing_ok=True)
@@ -323,25 +404,27 @@ def generate_role_transcripts(loaded, role: Role, questions: list, params: Perso
 
 
 def transcripts(params: PersonaSpaceParams, root: Path, loaded=None,
-                on_chunk: Callable[[str, int], None] | None = None) -> "StageResult":
-    """Stage 1: generate every role's transcripts (``hf`` backend), resumable at chunk level."""
-    if params.transcripts.backend != "hf":
-        raise InputError(f"transcripts.backend={params.transcripts.backend!r} is not implemented yet; "
-                         "use transcripts.backend=hf")
+                on_chunk: Callable[[str, int], None] | None = None, role: str | None = None) -> "StageResult":
+    """Stage 1: generate every role's transcripts (or only ``role``'s), resumable at chunk level."""
+    from persona_ops.backends import make_generator
+
     root = Path(root)
-    roles = load_roles(params, root)  # validate the data before loading a model
+    roles = load_roles(params, root, role)  # validate the data before loading a model
     qpath = root / params.roles.questions
     questions = load_questions(qpath)
-    loaded = loaded or _load_model(params.model)
+    t = params.transcripts
+    if t.backend == "hf":
+        loaded = loaded or _load_model(params.model)
+    generator = make_generator(t, params.model, "persona_space.transcripts", loaded=loaded)
     d = out_dir(params, root) / "transcripts"
     d.mkdir(parents=True, exist_ok=True)
     totals = {"records": 0, "generated": 0, "skipped": 0}
     outputs = []
     for role in roles:
-        stats = generate_role_transcripts(loaded, role, questions, params, d, on_chunk)
+        stats = generate_role_transcripts(generator, role, questions, params, d, on_chunk)
         for k in totals:
             totals[k] += stats.get(k, 0)
-        outputs.append(d / f"{role.name}.jsonl")
+        outputs += [d / f"{role.name}.jsonl", d / f"{role.name}.provenance.json"]
     metrics = {"roles": len(roles), "records": totals["records"], "generated": totals["generated"],
                "roles_skipped": totals["skipped"]}
     return _result(metrics, [r.path for r in roles] + [qpath], outputs)
@@ -373,26 +456,29 @@ def _make_judge(params: PersonaSpaceParams, root: Path):
                       dtype=params.model.dtype, device=params.model.device)
 
 
-def judge_roles(params: PersonaSpaceParams, root: Path, judge=None) -> "StageResult":
-    """Stage 2: the 0-3 role-expression score of every response (the default role is skipped).
+def judge_roles(params: PersonaSpaceParams, root: Path, judge=None, role: str | None = None) -> "StageResult":
+    """Stage 2: the 0-3 role-expression score of every response of every role (or only ``role``).
 
     Writes ``scores/<role>.scores.jsonl``: one ``{index, system_prompt_idx, question_idx,
     rollout_idx, score, label, probs}`` per transcript record (``index`` = its line), where
-    ``score`` is the expected value and ``label`` the most likely integer.
+    ``score`` is the expected value and ``label`` the most likely integer. The default role is
+    not judged (its vector uses every sample): its file is empty and no judge is loaded for it.
     """
     from persona_ops.judge import fill_template
 
     root = Path(root)
-    roles = [r for r in load_roles(params, root) if not r.is_default]
-    judge = judge or _make_judge(params, root)
+    roles = load_roles(params, root, role)
+    records_by_role = {r.name: read_transcripts(params, root, r.name) for r in roles}  # before loading a judge
+    if judge is None and any(not r.is_default for r in roles):
+        judge = _make_judge(params, root)
     d = out_dir(params, root) / "scores"
     inputs, outputs = [], []
     n = unscored = full = 0
     score_sum = 0.0
     for role in roles:
-        records = read_transcripts(params, root, role.name)
+        records = [] if role.is_default else records_by_role[role.name]
         prompts = [fill_template(role.eval_prompt, r["question"], r["response"]) for r in records]
-        details = judge.score_details(prompts, lo=0, hi=3)
+        details = judge.score_details(prompts, lo=0, hi=3) if prompts else []
         rows = []
         for i, (rec, det) in enumerate(zip(records, details)):
             label = _label(det.score, det.probs)
@@ -405,15 +491,16 @@ def judge_roles(params: PersonaSpaceParams, root: Path, judge=None) -> "StageRes
         out = d / f"{role.name}.scores.jsonl"
         write_jsonl(out, rows)
         src = out_dir(params, root) / "transcripts" / f"{role.name}.jsonl"
-        write_json(out.with_name(f"{role.name}.scores.provenance.json"),
-                   provenance(stage="persona_space.judge", params=params.judge.model_dump(),
-                              inputs=[src, role.path], model=judge.label))
+        prov_path = out.with_name(f"{role.name}.scores.provenance.json")
+        write_json(prov_path, provenance(stage="persona_space.judge", params=params.judge.model_dump(),
+                                         inputs=[src, role.path], model=judge.label if judge else None))
         inputs += [src, role.path]
-        outputs.append(out)
-    metrics = {"roles": len(roles), "judged": n, "unscored": unscored,
-               "label3_fraction": full / n if n else float("nan"),
-               "mean_score": score_sum / (n - unscored) if n > unscored else float("nan"),
+        outputs += [out, prov_path]
+    metrics = {"roles": sum(not r.is_default for r in roles), "judged": n, "unscored": unscored,
                "judge_backend_calls": getattr(judge, "backend_calls", 0)}
+    if n:  # not for the default role alone
+        metrics.update(label3_fraction=full / n,
+                       mean_score=score_sum / (n - unscored) if n > unscored else float("nan"))
     return _result(metrics, inputs, outputs)
 
 
@@ -447,13 +534,15 @@ def _activation_paths(d: Path, role: str) -> tuple[Path, Path]:
 
 
 def _activations_current(tensor_path: Path, meta_path: Path, keys: list[dict], layers: list[int],
-                         model: str) -> bool:
+                         model: str, transcripts_sha256: str) -> bool:
+    """Whether a role's activation files were made from these transcripts, layers and model."""
     from persona_ops.vectors import load_vectors
 
     if not (tensor_path.exists() and meta_path.exists()) or read_json(meta_path) != keys:
         return False
     header = _decode_header(load_vectors(tensor_path)[1])
-    return header.get("layers") == layers and header.get("model") == model
+    return (header.get("layers") == layers and header.get("model") == model
+            and header.get("transcripts_sha256") == transcripts_sha256)
 
 
 def _decode_header(raw: dict[str, str]) -> dict:
@@ -468,14 +557,17 @@ def _decode_header(raw: dict[str, str]) -> dict:
 
 
 def role_activations(params: PersonaSpaceParams, root: Path, loaded=None,
-                     checkpoint: str | None = None) -> "StageResult":
-    """Stage 3: mean residual stream over response tokens at the configured layers, per record.
+                     checkpoint: str | None = None, role: str | None = None) -> "StageResult":
+    """Stage 3: mean residual stream over response tokens at the configured layers, per record,
+    for every role (or only ``role``).
 
     ``checkpoint`` (a label in ``trajectory.checkpoints``) replays the reference transcripts
     through that checkpoint into ``checkpoints/<label>/activations``. Records with an empty
     response are skipped (no response tokens); ``<role>_metadata.json`` lists the kept rows.
+    A role whose files match its transcripts (sha256), layers and model is skipped.
     """
     from persona_ops.activations import capture_means
+    from persona_ops.io import sha256_file
     from persona_ops.vectors import save_vectors
 
     root = Path(root)
@@ -485,7 +577,7 @@ def role_activations(params: PersonaSpaceParams, root: Path, loaded=None,
         if ref is None:
             raise InputError(f"checkpoint {checkpoint!r} is not in trajectory.checkpoints "
                              f"{[c.label for c in params.trajectory.checkpoints]}")
-    names = role_names(params, root)
+    names = selected_roles(params, root, role)
     for name in names:  # fail before loading the model
         if not (out_dir(params, root) / "transcripts" / f"{name}.jsonl").exists():
             raise InputError(f"no transcripts for role {name!r}; run the transcripts stage first")
@@ -501,9 +593,11 @@ def role_activations(params: PersonaSpaceParams, root: Path, loaded=None,
         empty += len(records) - len(kept)
         keys = [{k: r[k] for k in KEY_FIELDS} for r in kept]
         tensor_path, meta_path = _activation_paths(d, name)
-        inputs.append(out_dir(params, root) / "transcripts" / f"{name}.jsonl")
+        source = out_dir(params, root) / "transcripts" / f"{name}.jsonl"
+        source_sha = sha256_file(source)
+        inputs.append(source)
         outputs += [tensor_path, meta_path]
-        if a.resume and _activations_current(tensor_path, meta_path, keys, layers, loaded.label):
+        if a.resume and _activations_current(tensor_path, meta_path, keys, layers, loaded.label, source_sha):
             skipped_roles += 1
             continue
         parts = []
@@ -515,7 +609,7 @@ def role_activations(params: PersonaSpaceParams, root: Path, loaded=None,
         acts = torch.cat(parts) if parts else torch.zeros(0, len(layers), loaded.hidden_size)
         save_vectors(tensor_path, {"response_avg": acts}, {
             "role": name, "model": loaded.label, "layers": layers, "num_layers": loaded.num_layers,
-            "checkpoint": checkpoint or "", "positions": "response"})
+            "checkpoint": checkpoint or "", "positions": "response", "transcripts_sha256": source_sha})
         write_json(meta_path, keys)  # written last: its presence marks the role complete
         captured += len(kept)
     metrics = {"roles": len(names), "captured": captured, "roles_skipped": skipped_roles,
@@ -616,6 +710,45 @@ def persona_space(params: PersonaSpaceParams, root: Path) -> "StageResult":
                    register={registered_space_name(params): space_path})
 
 
+# --- stage 4b: the capping spec -----------------------------------------------
+
+def capping(params: PersonaSpaceParams, root: Path) -> "StageResult":
+    """The activation-capping spec of this persona space's Assistant Axis (``persona_ops.capping``).
+
+    At each layer of ``capping.layers`` the floor is ``capping.percentile`` of the default
+    Assistant's projections (one per default sample). Writes ``capping.safetensors`` (what
+    ``load_capping`` and ``serve-model --capping`` read; registered as ``capping-spec-<model>``)
+    and ``capping.json`` (per-layer tau and floor, readable).
+    """
+    from persona_ops.capping import CONVENTION, compute_capping, layer_range, save_capping
+    from persona_ops.persona_space import load_persona_space
+
+    root = Path(root)
+    base, acts_dir = out_dir(params, root), activations_dir(params, root)
+    space_path = base / "persona_space.safetensors"
+    if not space_path.exists():
+        raise InputError(f"{space_path}: no persona space; run the persona_space stage first")
+    space = load_persona_space(space_path)
+    acts, _, header = read_activations(acts_dir, DEFAULT_ROLE)
+    c = params.capping
+    spec = compute_capping(space.axis, space.layers, acts, header["layers"], layer_range(c.layers, space.layer),
+                           c.percentile, int(header["num_layers"]))
+    inputs = [space_path, *_activation_paths(acts_dir, DEFAULT_ROLE)]
+    prov = provenance(stage="persona_space.capping", params=c.model_dump(), inputs=inputs,
+                      model=header.get("model"))
+    spec_path, summary_path = base / "capping.safetensors", base / "capping.json"
+    save_capping(spec_path, spec, {"model": header.get("model"), "provenance": prov})
+    write_json(summary_path, {
+        "spec": spec_path.name, "percentile": c.percentile, "convention": CONVENTION,
+        "n_default_samples": int(acts.shape[0]), "model": header.get("model"),
+        "layers": {str(L): {"tau": float(t), "assistant_floor": float(f)}
+                   for L, t, f in zip(spec.layers, spec.tau, spec.floors)}, "provenance": prov})
+    metrics = {"layers": len(spec.layers), "percentile": c.percentile, "n_default_samples": int(acts.shape[0]),
+               "floor_min": float(spec.floors.min()), "floor_max": float(spec.floors.max())}
+    name = registered_space_name(params).replace("persona-space-", "capping-spec-", 1)
+    return _result(metrics, inputs, [spec_path, summary_path], register={name: spec_path})
+
+
 # --- stage 5: trajectories ----------------------------------------------------
 
 def trajectory_point(params: PersonaSpaceParams, root: Path, checkpoint_acts: Path, space,
@@ -635,8 +768,11 @@ def trajectory_point(params: PersonaSpaceParams, root: Path, checkpoint_acts: Pa
 
 
 def trajectory(params: PersonaSpaceParams, root: Path) -> "StageResult":
-    """Stage 5: a trajectory point per ``trajectory.checkpoints`` entry, a JSONL file and plots."""
+    """Stage 5: a trajectory point per ``trajectory.checkpoints`` entry, a JSONL file and plots
+    (one line per model family). Metrics ``default_axis_*`` are the first family's; with several
+    families each also gets ``<family>/default_axis_change``."""
     from persona_ops.persona_space import load_persona_space
+    from persona_ops.trajectory_plots import group_by_family, plot_trajectory
 
     root = Path(root)
     base = out_dir(params, root)
@@ -649,115 +785,22 @@ def trajectory(params: PersonaSpaceParams, root: Path) -> "StageResult":
     records, inputs = [], [space_path]
     for c in params.trajectory.checkpoints:
         d = activations_dir(params, root, c.label)
-        records.append(trajectory_point(params, root, d, space, c.label, c.step))
+        records.append({**trajectory_point(params, root, d, space, c.label, c.step), "family": c.family})
         inputs.append(d)
     out = base / "trajectory"
     write_jsonl(out / "trajectory.jsonl", records)
     pngs = plot_trajectory(records, out, space, params.trajectory.label_roles)
-    d0, d1 = records[0]["default"]["axis"], records[-1]["default"]["axis"]
-    metrics = {"checkpoints": len(records), "default_axis_first": d0, "default_axis_last": d1,
-               "default_axis_change": d1 - d0,
+    families = group_by_family(records)
+    change = {f: recs[-1]["default"]["axis"] - recs[0]["default"]["axis"] for f, recs in families.items()}
+    first = next(iter(families.values()))
+    metrics = {"checkpoints": len(records), "families": len(families),
+               "default_axis_first": first[0]["default"]["axis"], "default_axis_last": first[-1]["default"]["axis"],
+               "default_axis_change": next(iter(change.values())),
                "axis_cos_reference_min": min(r["axis_cos_reference"] for r in records)}
+    if len(families) > 1:
+        metrics.update({f"{f}/default_axis_change": v for f, v in change.items()})
     return _result(metrics, inputs, [out / "trajectory.jsonl", *pngs])
 
 
-def plot_trajectory(records: list[dict], out: Path, space=None, label_roles: list[str] | None = None,
-                    ) -> list[Path]:
-    """PNG plots of a trajectory: ``pc_scatter.png`` (PC1-PC2 per checkpoint, roles labelled),
-    ``axis_projection.png`` and ``pc_coordinates.png`` (vs checkpoint) and ``default_path.png``
-    (the default Assistant's path over the reference roles). Returns the paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from persona_ops.io import atomic_path
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    labels = [r["checkpoint"] or str(i) for i, r in enumerate(records)]
-    steps = [r.get("step") for r in records]
-    x = steps if all(s is not None for s in steps) else list(range(len(records)))
-    roles = sorted({n for r in records for n in r["roles"]})
-    shown = set(roles if label_roles is None else label_roles)
-    n_pcs = min(r["n_pcs"] for r in records)
-    paths = []
-
-    def save(fig, name: str) -> None:
-        path = out / name
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
-
-    def pc(place: dict, i: int) -> float:
-        return place["pcs"][i] if len(place["pcs"]) > i else 0.0
-
-    # 1. PC1-PC2 scatter per checkpoint
-    cols = min(4, len(records))
-    rows = -(-len(records) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False, sharex=True, sharey=True)
-    for ax, rec, lab in zip(axes.flat, records, labels):
-        xs = [pc(rec["roles"][n], 0) for n in rec["roles"]]
-        ys = [pc(rec["roles"][n], 1) for n in rec["roles"]]
-        ax.scatter(xs, ys, s=12, c="tab:blue", alpha=0.7)
-        for n, a, b in zip(rec["roles"], xs, ys):
-            if n in shown:
-                ax.annotate(n, (a, b), fontsize=6, alpha=0.8)
-        ax.scatter([pc(rec["default"], 0)], [pc(rec["default"], 1)], marker="*", s=160, c="tab:red",
-                   label="default Assistant")
-        ax.set_title(lab, fontsize=9)
-        ax.set_xlabel("PC1")
-        ax.set_ylabel("PC2")
-    for ax in list(axes.flat)[len(records):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    save(fig, "pc_scatter.png")
-
-    # 2. axis projection vs checkpoint
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for n in roles:
-        ys = [r["roles"][n]["axis"] if n in r["roles"] else float("nan") for r in records]
-        ax.plot(x, ys, color="grey", lw=0.6, alpha=0.5)
-    ax.plot(x, [r["role_mean"]["axis"] for r in records], "k--", lw=1.5, label="role mean")
-    ax.plot(x, [r["default"]["axis"] for r in records], "o-", color="tab:red", lw=2, label="default Assistant")
-    ax.set_xticks(x, labels, rotation=30, fontsize=7)
-    ax.set_ylabel("projection on the Assistant Axis")
-    ax.legend(fontsize=8)
-    save(fig, "axis_projection.png")
-
-    # 3. PC coordinates vs checkpoint
-    fig, axes = plt.subplots(1, n_pcs, figsize=(4.2 * n_pcs, 3.6), squeeze=False)
-    for i, ax in enumerate(axes[0]):
-        for n in roles:
-            ys = [pc(r["roles"][n], i) if n in r["roles"] else float("nan") for r in records]
-            ax.plot(x, ys, color="grey", lw=0.6, alpha=0.5)
-        ax.plot(x, [pc(r["role_mean"], i) for r in records], "k--", lw=1.5, label="role mean")
-        ax.plot(x, [pc(r["default"], i) for r in records], "o-", color="tab:red", lw=2, label="default")
-        ax.set_title(f"PC{i + 1}")
-        ax.set_xticks(x, labels, rotation=30, fontsize=7)
-    axes[0][0].legend(fontsize=7)
-    save(fig, "pc_coordinates.png")
-
-    # 4. the default Assistant's path in PC1-PC2 over the reference roles
-    fig, ax = plt.subplots(figsize=(6, 5))
-    if space is not None:
-        ref = space.loadings
-        ax.scatter(ref[:, 0], ref[:, 1] if ref.shape[1] > 1 else torch.zeros(len(ref)), s=10, c="lightgrey",
-                   label="reference roles")
-    px = [pc(r["default"], 0) for r in records]
-    py = [pc(r["default"], 1) for r in records]
-    ax.plot(px, py, "-", color="tab:red", lw=1)
-    ax.scatter(px, py, c=range(len(px)), cmap="viridis", s=40, zorder=3)
-    for a, b, lab in zip(px, py, labels):
-        ax.annotate(lab, (a, b), fontsize=7)
-    ax.set_xlabel("PC1")
-    ax.set_ylabel("PC2")
-    ax.set_title("default Assistant across checkpoints")
-    ax.legend(fontsize=7)
-    save(fig, "default_path.png")
-    return paths
-
-
 STAGES = {"transcripts": transcripts, "judge": judge_roles, "activations": role_activations,
-          "persona_space": persona_space, "trajectory": trajectory}
+          "persona_space": persona_space, "capping": capping, "trajectory": trajectory}

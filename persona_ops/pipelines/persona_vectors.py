@@ -68,22 +68,27 @@ def build_requests(tp: TraitParams, tokenizer, root: Path) -> list[dict]:
     return records
 
 
-def generate(tp: TraitParams, root: Path) -> StageResult:
-    """Generate answers under pos and neg persona system prompts."""
-    from persona_ops.generation import SamplingParams, generate as run_generation
+def generate(tp: TraitParams, root: Path, loaded=None) -> StageResult:
+    """Generate answers under pos and neg persona system prompts (``generate.backend``: the
+    local model on the engine, vLLM or an OpenAI-compatible server; see persona_ops.backends)."""
+    from persona_ops.backends import make_generator
+    from persona_ops.generation import SamplingParams
 
     load_trait(trait_file(tp, root))  # validate before the model is loaded
-    loaded = _load(tp)
-    records = build_requests(tp, loaded.tokenizer, root)
     g = tp.params.generate
+    if g.backend == "hf":
+        loaded = loaded or _load(tp)
+    generator = make_generator(g, tp.params.model, "generate", loaded=loaded)
+    tok = generator.tokenizer
+    records = build_requests(tp, tok, root)
     sampling = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.seed)
-    answers = run_generation(loaded, [r["prompt"] for r in records], sampling, g.batch_size,
-                             desc=f"generate {tp.trait}")
+    chats = [chat_messages(tok, r["system"], r["question"]) for r in records]  # as rendered into "prompt"
+    answers = generator.generate(chats, sampling, g.batch_size)
     for rec, ans in zip(records, answers):
         rec["answer"] = ans
     out = paths(root, tp.trait)["generations"]
     write_jsonl(out, records)
-    _write_provenance(out, "generate", tp, [trait_file(tp, root)], loaded.label)
+    _write_provenance(out, "generate", tp, [trait_file(tp, root)], generator.label)
     empty = sum(not a for a in answers)
     return StageResult({"generations": len(records), "empty_answers": empty},
                        [trait_file(tp, root)], [out])

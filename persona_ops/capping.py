@@ -17,7 +17,6 @@ layer ``L`` edits the output of decoder block ``L-1``, so ``1 <= L <= num_layers
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -116,7 +115,7 @@ def save_capping(path: str | Path, spec: CappingSpec, metadata: dict | None = No
 
 def load_capping(path: str | Path) -> CappingSpec:
     """Read a file written by :func:`save_capping` (e.g. ``outputs/persona_space/capping.safetensors``)."""
-    from persona_ops.vectors import load_vectors
+    from persona_ops.vectors import decode_metadata, load_vectors
 
     try:
         tensors, raw = load_vectors(path)
@@ -127,12 +126,7 @@ def load_capping(path: str | Path) -> CappingSpec:
     if raw.get("format") != _FORMAT or any(k not in tensors for k in ("vectors", "tau", "layers")):
         raise InputError(f"{path}: not a capping spec (expected format {_FORMAT} with vectors, tau, layers; "
                          "the persona-space pipeline's capping stage writes one)")
-    meta = {}
-    for k, v in raw.items():
-        try:
-            meta[k] = json.loads(v)
-        except json.JSONDecodeError:
-            meta[k] = v
+    meta = decode_metadata(raw)
     percentile = float(meta.pop("percentile"))
     return CappingSpec(layers=[int(x) for x in tensors["layers"]], vectors=tensors["vectors"].float(),
                        tau=tensors["tau"].float(), percentile=percentile, metadata=meta)

@@ -18,7 +18,6 @@ Shapes and conventions:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -285,17 +284,12 @@ def save_persona_space(path: str | Path, space: PersonaSpace, metadata: dict | N
 
 def load_persona_space(path: str | Path) -> PersonaSpace:
     """Read a file written by ``save_persona_space``; other metadata lands in ``.metadata``."""
-    from persona_ops.vectors import load_vectors
+    from persona_ops.vectors import decode_metadata, load_vectors
 
     tensors, raw = load_vectors(path)
     if raw.get("format") != _FORMAT or any(n not in tensors for n in _TENSORS):
         raise InputError(f"{path}: not a persona-space file (expected format {_FORMAT})")
-    meta = {}
-    for k, v in raw.items():
-        try:
-            meta[k] = json.loads(v)
-        except json.JSONDecodeError:
-            meta[k] = v
+    meta = decode_metadata(raw)
     roles, layer = meta.pop("roles"), int(meta.pop("layer"))
     meta.pop("format")
     return PersonaSpace(roles=list(roles), layer=layer, layers=[int(x) for x in tensors["layers"]],

@@ -92,6 +92,17 @@ def load_vectors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
+def decode_metadata(raw: dict[str, str]) -> dict:
+    """safetensors metadata as written by :func:`save_vectors`: JSON values decoded, plain strings kept."""
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
 def export_pt(vectors: dict[str, torch.Tensor], out_dir: str | Path, trait: str) -> list[Path]:
     """Write persona_vectors' layout: ``{trait}_{aggregate}_diff.pt``, each ``[rows, hidden]``.
 

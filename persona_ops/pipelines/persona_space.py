@@ -536,24 +536,13 @@ def _activation_paths(d: Path, role: str) -> tuple[Path, Path]:
 def _activations_current(tensor_path: Path, meta_path: Path, keys: list[dict], layers: list[int],
                          model: str, transcripts_sha256: str) -> bool:
     """Whether a role's activation files were made from these transcripts, layers and model."""
-    from persona_ops.vectors import load_vectors
+    from persona_ops.vectors import decode_metadata, load_vectors
 
     if not (tensor_path.exists() and meta_path.exists()) or read_json(meta_path) != keys:
         return False
-    header = _decode_header(load_vectors(tensor_path)[1])
+    header = decode_metadata(load_vectors(tensor_path)[1])
     return (header.get("layers") == layers and header.get("model") == model
             and header.get("transcripts_sha256") == transcripts_sha256)
-
-
-def _decode_header(raw: dict[str, str]) -> dict:
-    """safetensors metadata as written by ``save_vectors``: JSON values, plain strings kept as is."""
-    out = {}
-    for k, v in raw.items():
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
 
 
 def role_activations(params: PersonaSpaceParams, root: Path, loaded=None,
@@ -619,13 +608,13 @@ def role_activations(params: PersonaSpaceParams, root: Path, loaded=None,
 
 def read_activations(d: Path, role: str) -> tuple[torch.Tensor, list[tuple], dict]:
     """``(response_avg [n, rows, H], keys per row, header)`` of one role; header values decoded."""
-    from persona_ops.vectors import load_vectors
+    from persona_ops.vectors import decode_metadata, load_vectors
 
     tensor_path, meta_path = _activation_paths(d, role)
     if not (tensor_path.exists() and meta_path.exists()):
         raise InputError(f"{tensor_path}: no activations for role {role!r}; run the activations stage first")
     tensors, raw = load_vectors(tensor_path)
-    header = _decode_header(raw)
+    header = decode_metadata(raw)
     keys = [record_key(k) for k in read_json(meta_path)]
     acts = tensors["response_avg"]
     if acts.shape[0] != len(keys):

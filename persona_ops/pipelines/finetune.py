@@ -28,14 +28,14 @@ class FinetuneParams(BaseModel):
 def finetune(params: FinetuneParams, root: Path):
     """Train the adapter; outputs ``<out>/checkpoint-<step>/`` and ``<out>/manifest.json``."""
     from persona_ops.data import load_chat_dataset
-    from persona_ops.pipelines.persona_space import _load_model
+    from persona_ops.pipelines.persona_space import load_model_ref
     from persona_ops.pipelines.persona_vectors import StageResult
     from persona_ops.training import train_lora
 
     root = Path(root)
     dataset_path = root / params.dataset
     dataset = load_chat_dataset(dataset_path)  # validated before the model is loaded
-    loaded = _load_model(params.model)
+    loaded = load_model_ref(params.model)
     out = root / params.out
     result = train_lora(loaded, dataset, params.train, out, overwrite=True)
     losses = result.losses

@@ -172,7 +172,7 @@ def projection(pp: ProjectionParams, root: Path):
     (inputs are never modified) and correlations with judged trait scores when available."""
     from persona_ops.geometry import pearson
     from persona_ops.io import read_jsonl, write_json, write_jsonl
-    from persona_ops.pipelines.persona_space import _load_model
+    from persona_ops.pipelines.persona_space import load_model_ref
     from persona_ops.pipelines.persona_vectors import StageResult
     from persona_ops.projection import load_texts, project, shift
 
@@ -182,8 +182,8 @@ def projection(pp: ProjectionParams, root: Path):
     if not pp.inputs or not pp.vectors:
         raise InputError("projection.inputs and projection.vectors must both be set")
     vectors = {name: _vector(root / p, pp.aggregate) for name, p in pp.vectors.items()}
-    loaded = _load_model(pp.model)
-    base = _load_model(pp.base_model) if pp.base_model else None
+    loaded = load_model_ref(pp.model)
+    base = load_model_ref(pp.base_model) if pp.base_model else None
     out_dir, outputs, metrics = root / pp.out, [], {}
     for inp in pp.inputs:
         path = root / inp

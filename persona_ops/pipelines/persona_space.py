@@ -239,7 +239,8 @@ def record_key(rec: dict) -> tuple[int, int, int]:
     return tuple(int(rec[k]) for k in KEY_FIELDS)  # type: ignore[return-value]
 
 
-def _load_model(ref: ModelRef):
+def load_model_ref(ref: ModelRef):
+    """Load the model a ``ModelRef`` names (HF id@revision, local dir or embedded), with its LoRA adapter."""
     from persona_ops.models import load_model
 
     loaded = load_model(ref.name, ref.revision, dtype=ref.dtype, device=ref.device)
@@ -414,7 +415,7 @@ def transcripts(params: PersonaSpaceParams, root: Path, loaded=None,
     questions = load_questions(qpath)
     t = params.transcripts
     if t.backend == "hf":
-        loaded = loaded or _load_model(params.model)
+        loaded = loaded or load_model_ref(params.model)
     generator = make_generator(t, params.model, "persona_space.transcripts", loaded=loaded)
     d = out_dir(params, root) / "transcripts"
     d.mkdir(parents=True, exist_ok=True)
@@ -570,7 +571,7 @@ def role_activations(params: PersonaSpaceParams, root: Path, loaded=None,
     for name in names:  # fail before loading the model
         if not (out_dir(params, root) / "transcripts" / f"{name}.jsonl").exists():
             raise InputError(f"no transcripts for role {name!r}; run the transcripts stage first")
-    loaded = loaded or _load_model(ref)
+    loaded = loaded or load_model_ref(ref)
     layers = capture_layers(params, loaded.num_layers)
     d = activations_dir(params, root, checkpoint)
     a = params.activations

@@ -42,9 +42,9 @@ def paths(root: Path, trait: str) -> dict[str, Path]:
 
 
 def _load(tp: TraitParams):
-    from persona_ops.pipelines.persona_space import _load_model
+    from persona_ops.pipelines.persona_space import load_model_ref
 
-    return _load_model(tp.params.model)
+    return load_model_ref(tp.params.model)
 
 
 def build_requests(tp: TraitParams, tokenizer, root: Path) -> list[dict]:

@@ -20,6 +20,7 @@ import torch
 
 from bench.common import (build_model, emit, environment, parse_args, peak_gib, random_tokens,
                           reset_peak, timed)
+from persona_ops import cpu_linear
 from persona_ops.activations import AGGREGATES, capture_tokens
 
 PROMPT_TOKENS = 100
@@ -50,6 +51,8 @@ def main() -> None:
         ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 4 cuda, 2 cpu)")
         ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="also time compile_blocks=True (auto: on cuda)")
+        ap.add_argument("--ref-rounds", type=int, default=3,
+                        help="rounds that also time the reference (it is host-bound and varies; median)")
 
     args = parse_args(__doc__.splitlines()[0], extra)
     dev = args.device
@@ -72,11 +75,16 @@ def main() -> None:
 
     ref_times, times, peaks, errs = [], {}, {}, {}
     ref_peak, ref = 0.0, None
-    configs = [(name, budget, False) for budget in budgets for name in layer_sets]
+    # (layers, token budget, compiled blocks, packed CPU linears); on CPU one ablation with
+    # MKL's F.linear (packed=False) shows what the oneDNN kernels contribute
+    configs = [(name, budget, False, True) for budget in budgets for name in layer_sets]
     if args.compile == "on" or (args.compile == "auto" and dev == "cuda"):
-        configs += [(name, budget, True) for budget in budgets for name in layer_sets]
+        configs += [(name, budget, True, True) for budget in budgets for name in layer_sets]
+    if dev == "cpu":
+        configs.append(("middle", budgets[0], False, False))
 
-    def run_engine(name: str, budget: int, compiled: bool):
+    def run_engine(name: str, budget: int, compiled: bool, packed: bool):
+        cpu_linear.ENABLED = packed
         return timed(lambda: capture_tokens(loaded, prompts, answers, layers=layer_sets[name], aggregates=AGGREGATES,
                                             token_budget=budget, progress=False, compile_blocks=compiled), dev)
 
@@ -92,9 +100,9 @@ def main() -> None:
             print("failed:", cfg, compile_info[cfg[0]], flush=True)
 
     # rounds: the reference and every engine setting once per round (interleaved, so a noisy
-    # shared CPU affects all alike); medians over rounds. On CUDA the reference runs once.
+    # shared CPU affects all alike); medians over rounds.
     for rnd in range(rounds):
-        if rnd == 0 or dev == "cpu":
+        if rnd < args.ref_rounds:
             reset_peak(dev)
             t_ref, ref = timed(lambda: reference_capture(loaded, seqs), dev)
             ref_peak = max(ref_peak, peak_gib(dev))
@@ -108,17 +116,19 @@ def main() -> None:
             idx = res.layers.index(mid)
             err = (res.means["response_avg"][:, idx] - ref[:, mid]).norm() / ref[:, mid].norm()
             errs[key] = max(errs.get(key, 0.0), float(err))
-            print(f"round {rnd} engine {key[0]} budget {key[1]} compiled {key[2]}: {t:.2f}s {tokens / t:.0f} tok/s",
+            print(f"round {rnd} engine {key[0]} budget {key[1]} compiled {key[2]} packed {key[3]}: {t:.2f}s {tokens / t:.0f} tok/s",
                   flush=True)
 
     t_ref = statistics.median(ref_times)
     ref_tps = tokens / t_ref
-    sweep = [{"layers": k[0], "token_budget": k[1], "compiled": k[2], "seconds": round(statistics.median(v), 3),
+    sweep = [{"layers": k[0], "token_budget": k[1], "compiled": k[2], "packed_linears": k[3],
+              "seconds": round(statistics.median(v), 3),
               "tokens_per_s": round(tokens / statistics.median(v)), "peak_gib": peaks[k],
               "rel_err_vs_reference": float(f"{errs[k]:.2e}")} for k, v in times.items()]
     for row in sweep:
         print(row, flush=True)
 
+    cpu_linear.ENABLED = True
     with tempfile.TemporaryDirectory() as tmp:  # per-token rows streamed to disk
         budget = budgets[-1]
         reset_peak(dev)
@@ -128,12 +138,16 @@ def main() -> None:
                     "peak_gib": peak_gib(dev)}
         print({"none": none_row}, flush=True)
 
-    best = {k: max((r for r in sweep if r["layers"] == k), key=lambda r: r["tokens_per_s"]) for k in layer_sets}
-    eager = {k: max((r for r in sweep if r["layers"] == k and not r["compiled"]), key=lambda r: r["tokens_per_s"])
+    engine_rows = [r for r in sweep if r["packed_linears"]]  # the engine as shipped; the rest is ablation
+    best = {k: max((r for r in engine_rows if r["layers"] == k), key=lambda r: r["tokens_per_s"]) for k in layer_sets}
+    eager = {k: max((r for r in engine_rows if r["layers"] == k and not r["compiled"]), key=lambda r: r["tokens_per_s"])
              for k in layer_sets}
+    mkl = [r for r in sweep if not r["packed_linears"]]
     emit({
         "bench": "capture", "device": dev, "model_shape": args.model_shape, "n_sequences": n, "tokens": tokens,
         "middle_layer": mid, "reference_tokens_per_s": round(ref_tps), "reference_peak_gib": ref_peak,
+        "reference_first_pass_tokens_per_s": round(tokens / ref_times[0]),
+        "reference_seconds": [round(x, 3) for x in ref_times],
         "middle_tokens_per_s": best["middle"]["tokens_per_s"], "middle_token_budget": best["middle"]["token_budget"],
         "middle_compiled": best["middle"]["compiled"], "middle_peak_gib": best["middle"]["peak_gib"],
         "all_layers_tokens_per_s": best["all"]["tokens_per_s"], "all_layers_token_budget": best["all"]["token_budget"],
@@ -143,6 +157,7 @@ def main() -> None:
         "speedup_eager_vs_reference": round(eager["middle"]["tokens_per_s"] / ref_tps, 2),
         "speedup_eager_all_layers_vs_reference": round(eager["all"]["tokens_per_s"] / ref_tps, 2),
         "compile": compile_info, "none_aggregate": none_row,
+        "speedup_mkl_linears_vs_reference": round(mkl[0]["tokens_per_s"] / ref_tps, 2) if mkl else None,
         "max_rel_err_vs_reference": max(r["rel_err_vs_reference"] for r in sweep),
         "sweep": sweep, "env": environment(dev),
     })

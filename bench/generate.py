@@ -18,6 +18,7 @@ import statistics
 import torch
 
 from bench.common import build_model, emit, environment, parse_args, peak_gib, random_tokens, reset_peak, timed
+from persona_ops import cpu_linear
 from persona_ops.engine import STATS, generate_tokens
 from persona_ops.generation import SamplingParams
 from persona_ops.interventions import Intervention
@@ -26,7 +27,7 @@ REF_BATCH = 20
 
 
 def cuda_graph_check() -> dict:
-    """On CUDA: greedy engine output (graph and eager decode) vs HF generate on tiny fp32 models."""
+    """On CUDA: greedy engine output (graph, graph+compile and eager decode) vs HF generate on tiny fp32 models."""
     from persona_ops.models import LoadedModel, tiny_model
 
     out = {}
@@ -47,7 +48,8 @@ def cuda_graph_check() -> dict:
                             pad_token_id=0)[:, width:].tolist()
         graph = generate_tokens(lm, prompts, greedy, eos_ids=[], cuda_graph=True)
         eager = generate_tokens(lm, prompts, greedy, eos_ids=[], cuda_graph=False)
-        out[arch] = {"graph_eq_hf": graph == hf, "eager_eq_hf": eager == hf}
+        compiled = generate_tokens(lm, prompts, greedy, eos_ids=[], cuda_graph=True, compile_decode=True)
+        out[arch] = {"graph_eq_hf": graph == hf, "eager_eq_hf": eager == hf, "graph_compiled_eq_hf": compiled == hf}
     return out
 
 
@@ -104,6 +106,8 @@ def main() -> None:
         ap.add_argument("--new-tokens", type=int, default=128)
         ap.add_argument("--layer", type=int, default=20)
         ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3 cuda, 2 cpu)")
+        ap.add_argument("--ref-rounds", type=int, default=3,
+                        help="rounds that also time the reference (it is host-bound and varies; median)")
         ap.add_argument("--sweep", type=int, default=8, help="coefficients in the one-batch sweep (0 = skip)")
         ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="also time compile_decode=True (auto: on cuda)")
@@ -123,21 +127,23 @@ def main() -> None:
     sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, seed=args.seed)
     steer = [Intervention("add", layer, vec, coef=coef, positions="response")]
     zero = [Intervention("add", layer, vec, coef=0.0, positions="response")]
-    variants = {"cuda-graph" if dev == "cuda" else "eager": False}
+    # variant -> (compile_decode, packed CPU linears)
+    variants = {"cuda-graph": (False, True)} if dev == "cuda" else {"eager": (False, True), "eager-mkl": (False, False)}
     if args.compile == "on" or (args.compile == "auto" and dev == "cuda"):
-        variants["cuda-graph+compile"] = True
+        variants["cuda-graph+compile"] = (True, True)
     print(f"shape={args.model_shape} device={dev} prompts={args.n} new={args.new_tokens} layer={layer} "
           f"threads={torch.get_num_threads()} variants={list(variants)}", flush=True)
 
-    def engine(interventions, compiled=False, rows=None):
+    def engine(interventions, variant, rows=None):
+        compiled, cpu_linear.ENABLED = variant  # eager-mkl: MKL's F.linear instead of packed oneDNN
         return generate_tokens(loaded, rows or prompts, sp, interventions, min_new_tokens=args.new_tokens,
                                eos_ids=[], batch_size=4096, compile_decode=compiled)
 
     # warm-up: kernels, cuBLAS, allocator, compilation
     reference_generate(loaded, prompts[:REF_BATCH], vec, layer, coef, 4, args.seed)
     warmup = {}
-    for name, compiled in variants.items():
-        t, _ = timed(lambda: engine(steer, compiled), dev)
+    for name, variant in variants.items():
+        t, _ = timed(lambda: engine(steer, variant), dev)
         warmup[name] = round(t, 2)
         print(f"warm-up {name}: {t:.2f}s", flush=True)
 
@@ -145,17 +151,17 @@ def main() -> None:
     res = {name: {"steered": [], "unsteered": [], "steered_peak": 0.0, "unsteered_peak": 0.0} for name in variants}
     outputs = {}
     for rnd in range(rounds):
-        if rnd == 0 or dev == "cpu":
+        if rnd < args.ref_rounds:
             reset_peak(dev)
             t, ref_tokens = timed(lambda: reference_generate(loaded, prompts, vec, layer, coef, args.new_tokens,
                                                              args.seed), dev)
             ref_peak = max(ref_peak, peak_gib(dev))
             ref_t.append(t)
             print(f"round {rnd} reference HF generate batch {REF_BATCH}: {t:.2f}s {ref_tokens / t:.0f} tok/s", flush=True)
-        for name, compiled in variants.items():
+        for name, variant in variants.items():
             for kind, ivs in (("steered", steer), ("unsteered", [])):
                 reset_peak(dev)
-                t, out = timed(lambda: engine(ivs, compiled), dev)
+                t, out = timed(lambda: engine(ivs, variant), dev)
                 res[name][kind].append(t)
                 res[name][kind + "_peak"] = max(res[name][kind + "_peak"], peak_gib(dev))
                 outputs[(name, kind, rnd)] = out
@@ -165,9 +171,9 @@ def main() -> None:
     ref_tps = ref_tokens / statistics.median(ref_t)
     new_tokens = args.n * args.new_tokens
     rows = {}
-    for name, compiled in variants.items():
+    for name, variant in variants.items():
         r = res[name]
-        zero_out = engine(zero, compiled)
+        zero_out = engine(zero, variant)
         last = rounds - 1
         rows[name] = {
             "steered_new_tokens_per_s": round(new_tokens / statistics.median(r["steered"]), 1),

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from persona_ops.chat import encode
+from persona_ops.cpu_linear import packed_linears
 from persona_ops.errors import InputError
 from persona_ops.models import LoadedModel
 
@@ -183,7 +184,8 @@ def compiled_blocks(blocks: Sequence[torch.nn.Module]) -> Iterator[None]:
     """Run the blocks' ``forward`` through ``torch.compile`` (dynamic shapes) for the duration.
 
     Only ``forward`` is compiled, so the capture hooks (and the early stop) stay eager. The
-    compiled code is shared by all blocks of one class (dynamo caches per code object).
+    compiled code is shared by all blocks of one class (dynamo caches per code object); each
+    block keeps its compiled wrapper (making one costs ~5 ms, which adds up per CUDA-graph capture).
     """
     import torch._dynamo
 
@@ -191,7 +193,9 @@ def compiled_blocks(blocks: Sequence[torch.nn.Module]) -> Iterator[None]:
     patched = []
     for blk in blocks:
         if "forward" not in blk.__dict__:
-            blk.forward = torch.compile(blk.forward, dynamic=True)
+            if "_compiled_forward" not in blk.__dict__:
+                blk._compiled_forward = torch.compile(blk.forward, dynamic=True)
+            blk.forward = blk._compiled_forward
             patched.append(blk)
     try:
         yield
@@ -283,6 +287,8 @@ def capture_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], ans
             stack.callback(h.remove)
         if compile_blocks:
             stack.enter_context(compiled_blocks(loaded.layers[:max(layer_list)]))
+        else:
+            stack.enter_context(packed_linears(loaded.model))
         for chunk in tqdm(plan_batches(lengths, token_budget, max_batch), desc=desc, unit="batch",
                           leave=False, disable=not progress):
             rows = _run_batch(loaded, col, chunk, prompt_ids, answer_ids, lengths, pad, avg_names,

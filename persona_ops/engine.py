@@ -18,6 +18,7 @@ row's position ids count its real tokens only, as in HF ``generate``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from typing import Iterator, Sequence
@@ -31,6 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from persona_ops.activations import compiled_blocks
 from persona_ops.chat import encode
+from persona_ops.cpu_linear import packed_linears
 from persona_ops.generation import SamplingParams
 from persona_ops.interventions import Intervention, Steerer
 from persona_ops.models import LoadedModel
@@ -61,6 +63,7 @@ class KVStore:
         self.rows, self.cols = slice(None), slice(None)  # where the current prefill group writes
         self.slot: torch.Tensor | None = None  # [1] long: column the next decode token is written to
         self.kv_len: int | None = kv_len  # eager decode: attend over the first kv_len columns only
+        self.fused = False  # decode attention through torch.compile (with compiled decoder blocks)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                scale: float | None) -> torch.Tensor:
@@ -85,12 +88,24 @@ class KVStore:
         if self.kv_len is not None:
             keys, values, mask = keys[:, :, :self.kv_len], values[:, :, :self.kv_len], mask[..., :self.kv_len]
         # one query token: fold the query heads of a kv group into the query axis (no kv repeat)
-        # and attend with two batched matrix-vector products: memory-bound reads of K and V,
-        # deterministic, faster than fused kernels at one query row
-        qg = q.reshape(b, hkv, group * t, d)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * (scale or d ** -0.5) + mask.float()
-        out = torch.matmul(scores.softmax(-1).to(values.dtype), values)
+        attend = _compiled_decode_attention() if self.fused else decode_attention
+        out = attend(q.reshape(b, hkv, group * t, d), keys, values, mask, scale or d ** -0.5)
         return out.reshape(b, h, t, -1).transpose(1, 2)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Attention of a few query rows per kv head over the cache, as two batched matrix-vector
+    products (memory-bound reads of K and V; deterministic; faster than fused attention kernels
+    at one query row). ``q [B, Hkv, G, D]``, ``keys/values [B, Hkv, S, D]``, additive ``mask [B, 1, 1, S]``."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale + mask.float()
+    return torch.matmul(scores.softmax(-1).to(values.dtype), values)
+
+
+@functools.cache
+def _compiled_decode_attention():
+    """:func:`decode_attention` through ``torch.compile``: scale, mask, softmax and casts in one kernel."""
+    return torch.compile(decode_attention, dynamic=None)
 
 
 def prefill_groups(lengths: Sequence[int], budget: int) -> list[tuple[int, int]]:
@@ -172,7 +187,7 @@ class _DecodeStep:
                 STATS["graph_fallbacks"] += 1
                 self.graph = None
                 if self.blocks:
-                    self.blocks = ()
+                    self.blocks, self.store.fused = (), False
                     try:
                         self._capture()
                         STATS["graph_captures"] += 1
@@ -285,6 +300,7 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
         if steerer is not None:
             steerer.select_rows(rows)
             steerer.set_decode()
+        store.fused = graph and compile_decode
         step_fn = _DecodeStep(model, tok, step_pos, bias, store, graph,
                               blocks=loaded.layers if (graph and compile_decode) else ())
         for step in range(1, new):
@@ -334,7 +350,7 @@ def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sa
     results: list[list[int]] = [[] for _ in prompt_ids]
     steerer = Steerer(loaded.layers, interventions, num_rows=len(prompt_ids)) if interventions else None
     eos_set = set(eos_list)
-    with steerer if steerer is not None else contextlib.nullcontext():
+    with steerer if steerer is not None else contextlib.nullcontext(), packed_linears(loaded.model):
         for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", leave=False,
                           disable=not progress):
             chunk = order[start:start + batch_size]

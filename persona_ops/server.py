@@ -379,6 +379,7 @@ def serve(model: str = EMBEDDED, revision: str | None = None, host: str = "127.0
     file ``capping``) and serve it with uvicorn at ``http://host:port/v1`` until interrupted."""
     import uvicorn
 
+    from persona_ops.cpu_linear import packed_linears
     from persona_ops.models import load_model
     from persona_ops.vectors import load_vectors
 
@@ -396,5 +397,6 @@ def serve(model: str = EMBEDDED, revision: str | None = None, host: str = "127.0
     loaded = load_model(model, revision=revision, dtype=dtype, device=device)
     if spec is not None:
         spec.check_fits(loaded.num_layers, loaded.hidden_size, capping)
-    uvicorn.run(create_app(loaded, tensors, adapters, capping=spec.interventions() if spec else None),
-                host=host, port=port, log_level="info")
+    with packed_linears(loaded.model):  # packed once for the server's lifetime, not per request
+        uvicorn.run(create_app(loaded, tensors, adapters, capping=spec.interventions() if spec else None),
+                    host=host, port=port, log_level="info")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from persona_ops.cpu_linear import packed_linears
 from persona_ops.errors import InputError
 from persona_ops.judge.scoring import MIN_MASS, aggregate_score
 from persona_ops.models import LoadedModel
@@ -149,7 +150,7 @@ class LocalJudge:
         encoded = [self.render(p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths together
         out: list[dict[int, float] | None] = [None] * len(prompts)
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), packed_linears(self.loaded.model):
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 for i, probs in zip(idx, self._score_batch([encoded[i] for i in idx], trie)):

@@ -66,3 +66,32 @@ def test_switch_off(monkeypatch):
     lin = torch.nn.Linear(8, 8)
     with packed_linears(lin):
         assert "forward" not in lin.__dict__
+
+
+def test_lora_injected_while_packed_matches_unpacked():
+    """serve-model packs once, then switches LoRA adapters in place: PEFT wraps the packed layers."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_layers=2, hidden=64)
+    ids = torch.randint(4, 500, (2, 11))
+    with torch.inference_mode():
+        base_plain = model(input_ids=ids).logits
+    with packed_linears(model):
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.5)  # LoRA starts as a no-op; make it change the output
+        with torch.inference_mode():
+            packed = peft_model(input_ids=ids).logits
+    with torch.inference_mode():
+        plain = peft_model(input_ids=ids).logits  # the same adapter, plain F.linear
+    assert not torch.allclose(plain, base_plain, atol=1e-3)  # the adapter matters
+    assert torch.allclose(packed, plain, atol=1e-4)
+    base = peft_model.unload()
+    with packed_linears(base):  # inject and unload again while packed, as an adapter switch does
+        get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).unload()
+        assert _patched(base)
+        with torch.inference_mode():
+            assert torch.allclose(base(input_ids=ids).logits, base_plain, atol=1e-4)

@@ -19,6 +19,7 @@ import torch
 
 from bench.common import build_model, emit, environment, parse_args, peak_gib, random_tokens, reset_peak, timed
 from persona_ops import cpu_linear
+from persona_ops import engine as engine_module
 from persona_ops.engine import STATS, generate_tokens
 from persona_ops.generation import SamplingParams
 from persona_ops.interventions import Intervention
@@ -127,15 +128,19 @@ def main() -> None:
     sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, seed=args.seed)
     steer = [Intervention("add", layer, vec, coef=coef, positions="response")]
     zero = [Intervention("add", layer, vec, coef=0.0, positions="response")]
-    # variant -> (compile_decode, packed CPU linears)
-    variants = {"cuda-graph": (False, True)} if dev == "cuda" else {"eager": (False, True), "eager-mkl": (False, False)}
+    # variant -> (compile_decode, packed CPU linears, Triton decode attention); the -mkl and -matmul-attn
+    # variants are ablations: MKL's F.linear on CPU, matmul attention over the whole cache on CUDA
+    variants = ({"cuda-graph": (False, True, True)} if dev == "cuda"
+                else {"eager": (False, True, True), "eager-mkl": (False, False, True)})
     if args.compile == "on" or (args.compile == "auto" and dev == "cuda"):
-        variants["cuda-graph+compile"] = (True, True)
+        variants["cuda-graph+compile"] = (True, True, True)
+        if dev == "cuda":
+            variants["cuda-graph+compile-matmul-attn"] = (True, True, False)
     print(f"shape={args.model_shape} device={dev} prompts={args.n} new={args.new_tokens} layer={layer} "
           f"threads={torch.get_num_threads()} variants={list(variants)}", flush=True)
 
     def engine(interventions, variant, rows=None):
-        compiled, cpu_linear.ENABLED = variant  # eager-mkl: MKL's F.linear instead of packed oneDNN
+        compiled, cpu_linear.ENABLED, engine_module.FUSED_DECODE = variant
         return generate_tokens(loaded, rows or prompts, sp, interventions, min_new_tokens=args.new_tokens,
                                eos_ids=[], batch_size=4096, compile_decode=compiled)
 

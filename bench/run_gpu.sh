@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmarks: capture and steered generation for the OLMo-2-7B and Qwen3-4B shapes,
+# The GPU benchmarks: capture, steered generation and decode attention for the OLMo-2-7B and Qwen3-4B shapes,
 # role transcripts + role capture for OLMo-2-7B, each side by side with its reference.
 # Logs and the final JSON lines go to ${OUT:-/tmp/persona-ops-bench}.
 set -u
@@ -22,7 +22,9 @@ for group in ${*:-generate capture transcripts}; do
   case $group in
     generate)
       run generate-qwen3 bench.generate --device cuda --model-shape qwen3-4b
-      run generate-olmo2 bench.generate --device cuda --model-shape olmo2-7b --sweep 4 --profile ;;
+      run generate-olmo2 bench.generate --device cuda --model-shape olmo2-7b --sweep 4 --profile
+      run attention-olmo2 bench.decode_attention --device cuda --model-shape olmo2-7b
+      run attention-qwen3 bench.decode_attention --device cuda --model-shape qwen3-4b ;;
     capture)
       run capture-olmo2 bench.capture --device cuda --model-shape olmo2-7b
       run capture-qwen3 bench.capture --device cuda --model-shape qwen3-4b ;;

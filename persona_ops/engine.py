@@ -7,8 +7,10 @@ preallocated buffers ``[B, kv_heads, S, head_dim]`` and attends over them with a
 engine keeps. The model is called with ``use_cache=False`` and a ready 4-D mask, so nothing
 in HF's forward depends on Python-side cache state or syncs with the host. On CUDA the decode
 step (one forward with its steering hooks) is captured once per batch as a CUDA graph and
-replayed; sampling runs on fp32 logits on the device. On CPU the same loop runs eagerly,
-attending only over the filled part of the cache.
+replayed, and each layer's decode attention is one Triton kernel that writes the new key/value
+and reads only the row's real columns (:mod:`persona_ops.triton_attention`); sampling runs on
+fp32 logits on the device. On CPU the same loop runs eagerly, attending only over the filled
+part of the cache.
 
 Left padding: prompts are right-aligned; padding columns are masked out of every attention
 and never steered (see :mod:`persona_ops.interventions` for the positions semantics); each
@@ -42,8 +44,9 @@ log = logging.getLogger(__name__)
 ATTN_NAME = "persona_ops_static_kv"
 _ACTIVE: "KVStore | None" = None  # the store the attention function writes to, while the engine runs
 STATS = {"graph_captures": 0, "graph_fallbacks": 0, "capture_seconds": 0.0}  # observability for benches and logs
+FUSED_DECODE = True  # CUDA: Triton decode attention (benches switch it off for an ablation)
 _PREFILL_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-_WARMED: set = set()  # (model id, compiled, batch, cache length): decode steps already run once
+_WARMED: set = set()  # (model id, compiled, fused attention, batch, cache length): decode steps already run once
 _SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # per device: where warm-ups and captures run
 
 
@@ -63,7 +66,8 @@ class KVStore:
         self.rows, self.cols = slice(None), slice(None)  # where the current prefill group writes
         self.slot: torch.Tensor | None = None  # [1] long: column the next decode token is written to
         self.kv_len: int | None = kv_len  # eager decode: attend over the first kv_len columns only
-        self.fused = False  # decode attention through torch.compile (with compiled decoder blocks)
+        self.start: torch.Tensor | None = None  # [B] first real column of each row (left padding before it)
+        self.fused = False  # decode attention through the Triton kernel (reads columns start..slot only)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                scale: float | None) -> torch.Tensor:
@@ -83,29 +87,35 @@ class KVStore:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             return out.transpose(1, 2)
         keys, values = self.keys[layer], self.values[layer]
+        if self.fused:
+            return _fused_attention()(q, k, v, keys, values, self.start, self.slot, scale or d ** -0.5)
         keys.index_copy_(2, self.slot, k)
         values.index_copy_(2, self.slot, v)
         if self.kv_len is not None:
             keys, values, mask = keys[:, :, :self.kv_len], values[:, :, :self.kv_len], mask[..., :self.kv_len]
         # one query token: fold the query heads of a kv group into the query axis (no kv repeat)
-        attend = _compiled_decode_attention() if self.fused else decode_attention
-        out = attend(q.reshape(b, hkv, group * t, d), keys, values, mask, scale or d ** -0.5)
+        out = decode_attention(q.reshape(b, hkv, group * t, d), keys, values, mask, scale or d ** -0.5)
         return out.reshape(b, h, t, -1).transpose(1, 2)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """Attention of a few query rows per kv head over the cache, as two batched matrix-vector
-    products (memory-bound reads of K and V; deterministic; faster than fused attention kernels
-    at one query row). ``q [B, Hkv, G, D]``, ``keys/values [B, Hkv, S, D]``, additive ``mask [B, 1, 1, S]``."""
+    products (deterministic; on CPU, and on CUDA where Triton is missing).
+    ``q [B, Hkv, G, D]``, ``keys/values [B, Hkv, S, D]``, additive ``mask [B, 1, 1, S]``."""
     scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale + mask.float()
     return torch.matmul(scores.softmax(-1).to(values.dtype), values)
 
 
 @functools.cache
-def _compiled_decode_attention():
-    """:func:`decode_attention` through ``torch.compile``: scale, mask, softmax and casts in one kernel."""
-    return torch.compile(decode_attention, dynamic=None)
+def _fused_attention():
+    """The Triton decode attention, or None where Triton cannot be imported."""
+    try:
+        from persona_ops.triton_attention import fused_decode_attention
+    except ImportError as e:
+        log.warning("Triton is unavailable (%s): decode attention reads the whole cache", e)
+        return None
+    return fused_decode_attention
 
 
 def prefill_groups(lengths: Sequence[int], budget: int) -> list[tuple[int, int]]:
@@ -182,11 +192,11 @@ class _DecodeStep:
             try:
                 self._capture()
                 STATS["graph_captures"] += 1
-            except Exception as e:  # an optimisation: retry uncompiled, then decode eagerly
+            except Exception as e:  # an optimisation: retry plain blocks and attention, then decode eagerly
                 log.warning("CUDA graph capture failed (%s: %s)", type(e).__name__, e)
                 STATS["graph_fallbacks"] += 1
                 self.graph = None
-                if self.blocks:
+                if self.blocks or self.store.fused:
                     self.blocks, self.store.fused = (), False
                     try:
                         self._capture()
@@ -213,7 +223,7 @@ class _DecodeStep:
                 _SIDE_STREAMS[dev] = torch.cuda.Stream(device=dev)
             side = _SIDE_STREAMS[dev]
             side.wait_stream(torch.cuda.current_stream())
-            key = (id(self.model), bool(self.blocks), *self.store_shape)
+            key = (id(self.model), bool(self.blocks), self.store.fused, *self.store_shape)
             if key not in _WARMED:
                 with torch.cuda.stream(side):
                     for _ in range(2):  # compilation settles on the first
@@ -255,7 +265,9 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
     pos = (real.long().cumsum(1) - 1).clamp(min=0)
     neg = torch.finfo(dtype).min
     max_len = _round_up(plen + new, 64)
-    store = KVStore(b, max_len, kv_len=None if graph else plen)
+    fused = dev.type == "cuda" and FUSED_DECODE and _fused_attention() is not None
+    store = KVStore(b, max_len, kv_len=None if (graph or fused) else plen)
+    store.start, store.fused = (~real).sum(1), fused
     out = torch.full((b, new), pad, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
 
@@ -300,7 +312,6 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
         if steerer is not None:
             steerer.select_rows(rows)
             steerer.set_decode()
-        store.fused = graph and compile_decode
         step_fn = _DecodeStep(model, tok, step_pos, bias, store, graph,
                               blocks=loaded.layers if (graph and compile_decode) else ())
         for step in range(1, new):

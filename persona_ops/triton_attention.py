@@ -6,7 +6,9 @@ One kernel per layer and decode step: it writes the new token's key/value into c
 Replaces a masked attention over every cache column plus two cache writes: on OLMo-2-7B
 (no grouped KV heads) the static cache is as large as 40% of the weights, so reading only
 real columns is most of the gain. Softmax is online, in fp32; ``q . k`` accumulates in fp32.
-One program per (row, kv head) handles the ``G`` query heads of that group together.
+One program per (row, kv head) handles the ``G`` query heads of that group together. The
+cache length is a compile-time constant: one compile per 64-column cache size, which Triton
+caches on disk.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ BLOCK = 64  # cache columns per iteration
 @triton.jit
 def _decode_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, start_ptr, slot_ptr, out_ptr, scale,
                    sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_s, so_b, so_h,
-                   S: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_S: tl.constexpr):
+                   S: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                   BLOCK_S: tl.constexpr):
     b = tl.program_id(0)
     hk = tl.program_id(1)
     offs_g = tl.arange(0, GP)
@@ -82,6 +85,6 @@ def fused_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
         q, k_new, v_new, keys, values, start, slot, out, scale,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0), out.stride(2),
-        S=keys.shape[2], G=group, GP=max(16, triton.next_power_of_2(group)), D=d, DP=max(16, triton.next_power_of_2(d)),
-        BLOCK_S=BLOCK, num_warps=4)
+        S=keys.shape[2], G=group, GP=max(16, triton.next_power_of_2(group)),  # tl.dot needs >= 16 rows
+        D=d, DP=max(16, triton.next_power_of_2(d)), BLOCK_S=BLOCK, num_warps=4)
     return out

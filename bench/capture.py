@@ -20,8 +20,8 @@ import torch
 
 from bench.common import (build_model, emit, environment, parse_args, peak_gib, random_tokens,
                           reset_peak, timed)
-from persona_ops import cpu_linear
-from persona_ops.activations import AGGREGATES, capture_tokens
+from persona_ops.kernels import cpu_linear
+from persona_ops.interp.capture import AGGREGATES, capture_tokens
 
 PROMPT_TOKENS = 100
 

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from persona_ops.models import LoadedModel
+from persona_ops.models.loading import LoadedModel
 
 # cuBLAS is bitwise reproducible across streams (CUDA graph capture uses its own) only with a
 # fixed workspace; must be set before CUDA starts.
@@ -58,7 +58,7 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
 def build_model(shape: str, device: str) -> LoadedModel:
     """The benchmark model: real SmolLM2 for ``embedded`` on CPU, else random weights (bf16 on GPU)."""
     if shape == "embedded" and device == "cpu":
-        from persona_ops.models import load_model
+        from persona_ops.models.loading import load_model
 
         return load_model("embedded", device="cpu", dtype="float32")
     arch, kw = SHAPES[shape]

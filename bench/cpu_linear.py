@@ -1,4 +1,4 @@
-"""CPU linear layers: MKL's ``F.linear`` vs oneDNN on prepacked weights (persona_ops.cpu_linear).
+"""CPU linear layers: MKL's ``F.linear`` vs oneDNN on prepacked weights (persona_ops.kernels.cpu_linear).
 
 Workload: the linear shapes of the chosen model (q/k/v/o, gate/up/down, LM head) at the row
 counts of decoding (1, 20, 40 rows) and capture (450 rows); GFLOP/s per shape and the

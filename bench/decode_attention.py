@@ -18,8 +18,8 @@ import math
 import torch
 
 from bench.common import SHAPES, emit, environment, parse_args
-from persona_ops.engine import decode_attention
-from persona_ops.triton_attention import fused_decode_attention
+from persona_ops.inference.engine import decode_attention
+from persona_ops.kernels.triton_attention import fused_decode_attention
 
 ROWS, PROMPT, COLUMNS, STEPS = 40, 120, 256, (0, 64, 127)
 

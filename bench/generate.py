@@ -18,18 +18,18 @@ import statistics
 import torch
 
 from bench.common import build_model, emit, environment, parse_args, peak_gib, random_tokens, reset_peak, timed
-from persona_ops import cpu_linear
-from persona_ops import engine as engine_module
-from persona_ops.engine import STATS, generate_tokens
-from persona_ops.generation import SamplingParams
-from persona_ops.interventions import Intervention
+from persona_ops.kernels import cpu_linear
+from persona_ops.inference import engine as engine_module
+from persona_ops.inference.engine import STATS, generate_tokens
+from persona_ops.inference.sampling import SamplingParams
+from persona_ops.interp.interventions import Intervention
 
 REF_BATCH = 20
 
 
 def cuda_graph_check() -> dict:
     """On CUDA: greedy engine output (graph, graph+compile and eager decode) vs HF generate on tiny fp32 models."""
-    from persona_ops.models import LoadedModel, tiny_model
+    from persona_ops.models.loading import LoadedModel, tiny_model
 
     out = {}
     prompts = random_tokens(6, 3, 30, 512, 5)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from persona_ops.errors import InputError
+
 _PROBE = "__SYSTEM_PROBE__"
 
 
@@ -38,12 +40,27 @@ def chat_messages(tokenizer, system: str | None, user: str) -> list[dict]:
     return [{"role": "user", "content": f"{system}\n\n{user}"}]
 
 
+def render(tokenizer, messages: list[dict], generation_prompt: bool = True) -> str:
+    """The chat rendered with the tokenizer's template: every prompt, transcript, judge prompt,
+    training example and served request goes through here. Templates with a thinking mode
+    (Qwen3) render with it off, so the text is the same whoever renders it."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("the tokenizer has no chat template; a chat (instruct) model is needed")
+    kwargs = {}
+    if "enable_thinking" in tokenizer.chat_template:
+        kwargs["enable_thinking"] = False
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                         **kwargs)
+
+
 def render_prompt(tokenizer, messages: list[dict]) -> str:
     """The chat text up to and including the generation prompt (the ``prompt`` positions)."""
-    kwargs = {}
-    if "enable_thinking" in (getattr(tokenizer, "chat_template", None) or ""):
-        kwargs["enable_thinking"] = False
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    return render(tokenizer, messages, generation_prompt=True)
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of :func:`render_prompt`."""
+    return encode(tokenizer, render_prompt(tokenizer, messages))
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -151,7 +151,7 @@ def serve_model(model: str = typer.Option("embedded", help="embedded | HF id[@re
                 ) -> None:
     """Serve a local model over an OpenAI-compatible API (/v1/chat/completions, /v1/models),
     with per-request steering, LoRA adapters and activation capping."""
-    from persona_ops.server import serve
+    from persona_ops.inference.server import serve
 
     def pairs(items: list[str], what: str) -> dict[str, str]:
         bad = [x for x in items if "=" not in x]
@@ -180,7 +180,7 @@ def serve_flows(root: Path = typer.Option(Path("."), help="Project directory."))
 @vectors_app.command("show")
 def vectors_show(path: Path = typer.Argument(..., help="A persona-ops vector file (.safetensors).")) -> None:
     """Print the aggregates, shapes, per-layer norms and metadata of a vector file."""
-    from persona_ops.vectors import load_vectors
+    from persona_ops.interp.vectors import load_vectors
 
     try:
         vecs, meta = load_vectors(path)
@@ -198,7 +198,7 @@ def vectors_export(path: Path = typer.Argument(..., help="A persona-ops vector f
                    out_dir: Path = typer.Argument(..., help="Directory for {trait}_{aggregate}_diff.pt files."),
                    trait: Optional[str] = typer.Option(None, help="Trait name (default: from the file).")) -> None:
     """Export to persona_vectors' .pt layout (one [num_layers+1, hidden] tensor per file)."""
-    from persona_ops.vectors import export_pt, load_vectors
+    from persona_ops.interp.vectors import export_pt, load_vectors
 
     try:
         vecs, meta = load_vectors(path)
@@ -213,7 +213,7 @@ def vectors_import(pt_files: list[Path] = typer.Argument(..., help="persona_vect
                    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
                    trait: str = typer.Option(..., help="Trait name recorded in the file.")) -> None:
     """Import persona_vectors .pt files (read with torch.load(weights_only=True)) into one file."""
-    from persona_ops.vectors import import_pt, save_vectors
+    from persona_ops.interp.vectors import import_pt, save_vectors
 
     try:
         vecs = import_pt(pt_files)
@@ -229,8 +229,8 @@ def vectors_report(paths: list[Path] = typer.Argument(..., help="Vector files (.
                    layer: int = typer.Option(20, help="Layer for the cosine matrix (hidden_states index)."),
                    aggregate: str = typer.Option("response_avg", help="prompt_avg | response_avg | prompt_last.")) -> None:
     """Cosine-similarity matrix and per-layer norms of several vectors: HTML (plotly) + PNGs."""
-    from persona_ops.reports import vector_geometry_report
-    from persona_ops.vectors import load_vectors
+    from persona_ops.reports.geometry import vector_geometry_report
+    from persona_ops.interp.vectors import load_vectors
 
     vectors = {}
     try:

@@ -16,13 +16,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from persona_ops.backends import Backend, OpenAIGenerationCfg, VLLMCfg
+from persona_ops.inference.backends import Backend, OpenAIGenerationCfg, VLLMCfg
 from persona_ops.errors import InputError
 from persona_ops.io import write_text
 from persona_ops.judge.settings import JudgeCfg
 from persona_ops.pipelines.finetune import FinetuneParams
 from persona_ops.pipelines.monitoring import ProjectionParams, SteeringParams
-from persona_ops.pipelines.persona_space import ModelRef, PersonaSpaceParams
+from persona_ops.models.refs import ModelRef
+from persona_ops.pipelines.persona_space import PersonaSpaceParams
 
 
 class _Section(BaseModel):
@@ -38,7 +39,7 @@ class TraitsCfg(_Section):
 
 
 class GenerateCfg(_Section):
-    backend: Backend = "hf"  # hf (the local model on the engine) | vllm | openai (see persona_ops.backends)
+    backend: Backend = "hf"  # hf (the local model on the engine) | vllm | openai (see persona_ops.inference.backends)
     n_per_question: int = Field(1, ge=1)
     questions_limit: int | None = Field(None, ge=1)
     max_new_tokens: int = Field(64, ge=1)

@@ -87,8 +87,8 @@ _PS_PARAMS = ("persona_space.model", "persona_space.roles")
 
 SPECS: tuple[StageSpec, ...] = (
     StageSpec("generate", run=_pv(pv.generate), **_PV,
-              deps=(_TRAIT_FILE, _PV_CODE, "persona_ops/generation.py", "persona_ops/backends.py",
-                    "persona_ops/engine.py", "persona_ops/chat.py"),
+              deps=(_TRAIT_FILE, _PV_CODE, "persona_ops/inference/sampling.py", "persona_ops/inference/backends.py",
+                    "persona_ops/inference/engine.py", "persona_ops/chat.py"),
               params=("model", "generate", "traits.dir", "traits.extract_subdir", "traits.neg_assistant_name",
                       _PER_TRAIT),
               outs=(_p("generations"), _p("generations").replace(".jsonl", ".provenance.json"))),
@@ -97,27 +97,27 @@ SPECS: tuple[StageSpec, ...] = (
               params=("judge", _PER_TRAIT),
               outs=(_p("judgements"), _p("judgements").replace(".jsonl", ".provenance.json"))),
     StageSpec("activations", run=_pv(pv.activations), **_PV,
-              deps=(_p("generations"), _p("judgements"), "persona_ops/activations.py"),
+              deps=(_p("generations"), _p("judgements"), "persona_ops/interp/capture.py"),
               params=("model", "filter", "activations", _PER_TRAIT),
               outs=(_p("activations"),)),
     StageSpec("vectors", run=_pv(pv.vectors), **_PV,
-              deps=(_p("activations"), "persona_ops/vectors.py"),
+              deps=(_p("activations"), "persona_ops/interp/vectors.py"),
               params=(_PER_TRAIT,),
               outs=(_p("vectors"),)),
     StageSpec("steering_sweep", pipeline="steering-sweep", config=lambda params, item: params,
               run=lambda c, item, root: mon.steering_sweep(c, item, root), foreach="steering.traits",
               deps=(f"${{traits.dir}}/eval/{ITEM}.json", _p("vectors"), "persona_ops/pipelines/monitoring.py",
-                    "persona_ops/generation.py", "persona_ops/engine.py", "persona_ops/interventions.py"),
+                    "persona_ops/inference/sampling.py", "persona_ops/inference/engine.py", "persona_ops/interp/interventions.py"),
               params=("model", "judge", "steering"),
               outs=(f"{mon.SWEEP_OUT}/{ITEM}",)),
     StageSpec("finetune", run=lambda c, item, root: ft.finetune(c, root), **_FT,
-              deps=("${finetune.dataset}", "persona_ops/training.py", "persona_ops/pipelines/finetune.py"),
+              deps=("${finetune.dataset}", "persona_ops/training/sft.py", "persona_ops/pipelines/finetune.py"),
               params=("finetune",),
               outs=("${finetune.out}",)),
     # per role: a new role or a changed role file reruns only that role's three stages
     StageSpec("role_transcripts", run=lambda c, item, root: ps.transcripts(c, root, role=item), **_PER_ROLE,
               deps=(_ROLE_FILE, "${persona_space.roles.questions}", "${finetune.out}",
-                    _PS_CODE, "persona_ops/generation.py", "persona_ops/backends.py", "persona_ops/engine.py"),
+                    _PS_CODE, "persona_ops/inference/sampling.py", "persona_ops/inference/backends.py", "persona_ops/inference/engine.py"),
               params=("persona_space.model", "persona_space.roles.instructions_limit",
                       "persona_space.roles.questions_limit", "persona_space.roles.model_name",
                       "persona_space.transcripts"),
@@ -127,37 +127,37 @@ SPECS: tuple[StageSpec, ...] = (
               params=("persona_space.judge",),
               outs=(f"{_PS_OUT}/scores/{ITEM}.scores.jsonl", f"{_PS_OUT}/scores/{ITEM}.scores.provenance.json")),
     StageSpec("role_activations", run=lambda c, item, root: ps.role_activations(c, root, role=item), **_PER_ROLE,
-              deps=(_TRANSCRIPT, "persona_ops/activations.py"),
+              deps=(_TRANSCRIPT, "persona_ops/interp/capture.py"),
               params=("persona_space.model", "persona_space.activations", "persona_space.space"),
               outs=(f"{_PS_OUT}/activations/{ITEM}_activations.safetensors",
                     f"{_PS_OUT}/activations/{ITEM}_metadata.json"), persist=True),
     StageSpec("persona_space", run=lambda c, item, root: ps.persona_space(c, root), **_PS,
-              deps=(f"{_PS_OUT}/activations", f"{_PS_OUT}/scores", "persona_ops/persona_space.py"),
+              deps=(f"{_PS_OUT}/activations", f"{_PS_OUT}/scores", "persona_ops/interp/space.py"),
               params=_PS_PARAMS + ("persona_space.vectors", "persona_space.space"),
               outs=(f"{_PS_OUT}/persona_space.safetensors", f"{_PS_OUT}/role_vectors.safetensors",
                     f"{_PS_OUT}/persona_space.metrics.json")),
     StageSpec("capping", run=lambda c, item, root: ps.capping(c, root), **_PS,
               deps=(f"{_PS_OUT}/persona_space.safetensors",
-                    f"{_PS_OUT}/activations/{DEFAULT_ROLE}_activations.safetensors", "persona_ops/capping.py"),
+                    f"{_PS_OUT}/activations/{DEFAULT_ROLE}_activations.safetensors", "persona_ops/interp/capping.py"),
               params=("persona_space.capping",),
               outs=(f"{_PS_OUT}/capping.safetensors", f"{_PS_OUT}/capping.json")),
     # persist: a role or checkpoint added later captures only what is new (files are checked
     # against their transcripts and model before being reused)
     StageSpec("checkpoint_activations", run=lambda c, item, root: ps.role_activations(c, root, checkpoint=item),
               **_TRAJ, foreach="persona_space.trajectory.checkpoints", item_key="${item.label}",
-              deps=(f"{_PS_OUT}/transcripts", "${finetune.out}", "persona_ops/activations.py"),
+              deps=(f"{_PS_OUT}/transcripts", "${finetune.out}", "persona_ops/interp/capture.py"),
               params=_PS_PARAMS + ("persona_space.activations", "persona_space.space",
                                    "persona_space.trajectory.checkpoints"),
               outs=(f"{_PS_OUT}/checkpoints/${{item.label}}/activations",), persist=True),
     StageSpec("trajectory", run=lambda c, item, root: ps.trajectory(c, root), **_TRAJ,
               deps=(f"{_PS_OUT}/persona_space.safetensors", f"{_PS_OUT}/checkpoints", _PS_CODE,
-                    "persona_ops/trajectory_plots.py"),
+                    "persona_ops/reports/trajectory.py"),
               params=_PS_PARAMS + ("persona_space.vectors", "persona_space.trajectory"),
               outs=(f"{_PS_OUT}/trajectory",)),
     StageSpec("projection", pipeline="projection", config=lambda params, item: params.projection,
               run=lambda c, item, root: mon.projection(c, root),
               # the default inputs and vectors live under these; list other input files here too
-              deps=(str(pv.OUT), "${finetune.out}", "persona_ops/projection.py"),
+              deps=(str(pv.OUT), "${finetune.out}", "persona_ops/interp/projection.py"),
               params=("projection",),
               outs=("${projection.out}",)),
 )
@@ -254,7 +254,7 @@ def run_stage(name: str, item: str | None = None, *, root: Path = Path("."), par
 
 
 def _model_label(model) -> str:
-    from persona_ops.models import model_label
+    from persona_ops.models.loading import model_label
 
     label = model_label(model.name, model.revision)
     adapter = getattr(model, "adapter", None)

@@ -52,7 +52,7 @@ def smol_tokenizer():
     """The embedded model's real tokenizer (chat template included)."""
     from transformers import AutoTokenizer
 
-    from persona_ops.models import embedded_model_dir, prepare_tokenizer
+    from persona_ops.models.loading import embedded_model_dir, prepare_tokenizer
 
     return prepare_tokenizer(AutoTokenizer.from_pretrained(embedded_model_dir()))
 
@@ -60,7 +60,7 @@ def smol_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_loaded(smol_tokenizer):
     """A 4-layer random llama with the real SmolLM2 tokenizer, wrapped like a loaded model."""
-    from persona_ops.models import LoadedModel, tiny_model
+    from persona_ops.models.loading import LoadedModel, tiny_model
 
     model = tiny_model("llama", num_layers=4, hidden=64, vocab_tokenizer=smol_tokenizer)
     return LoadedModel(model=model, tokenizer=smol_tokenizer, label="tiny-random-llama@test")
@@ -69,7 +69,7 @@ def tiny_loaded(smol_tokenizer):
 @pytest.fixture(scope="session")
 def embedded():
     """The real embedded model (SmolLM2-135M-Instruct); loads in seconds once cached."""
-    from persona_ops.models import load_model
+    from persona_ops.models.loading import load_model
 
     return load_model("embedded")
 

@@ -1,6 +1,6 @@
 import torch
 
-from persona_ops.activations import capture_means
+from persona_ops.interp.capture import capture_means
 from persona_ops.chat import encode
 
 

@@ -13,13 +13,13 @@ import openai
 import pytest
 from conftest import serve_app
 
-from persona_ops.backends import OpenAIGenerationCfg, _runs, make_generator
+from persona_ops.inference.backends import OpenAIGenerationCfg, _runs, make_generator
 from persona_ops.chat import chat_messages
 from persona_ops.config import GenerateCfg, Params
 from persona_ops.errors import InputError
 from persona_ops.pipelines import persona_space as ps
 from persona_ops.pipelines import persona_vectors as pv
-from persona_ops.server import create_app
+from persona_ops.inference.server import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-test-GENERATION-KEY-0123456789"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from persona_ops.capping import CappingSpec, compute_capping, layer_range, load_capping, save_capping
+from persona_ops.interp.capping import CappingSpec, compute_capping, layer_range, load_capping, save_capping
 from persona_ops.errors import InputError
 
 H = 64  # tiny_loaded's hidden size (4 layers)
@@ -79,7 +79,7 @@ def _tiny_spec(loaded, tau_quantile: float = 0.5) -> CappingSpec:
 def _projections(loaded, ids: torch.Tensor, spec: CappingSpec, interventions) -> list[torch.Tensor]:
     """Per capped layer, ``<h, v>`` at every position of a teacher-forced forward, read by a hook
     registered after the steerer's (so it sees the block output the next block receives)."""
-    from persona_ops.interventions import Steerer
+    from persona_ops.interp.interventions import Steerer
 
     seen: dict[int, torch.Tensor] = {}
     everything = torch.ones_like(ids, dtype=torch.bool)
@@ -108,8 +108,8 @@ def test_capped_forward_never_exceeds_tau(tiny_loaded):
 
 def test_capped_generation_with_infinite_tau_equals_uncapped(tiny_loaded):
     from persona_ops.chat import chat_messages, render_prompt
-    from persona_ops.engine import generate_text
-    from persona_ops.generation import SamplingParams
+    from persona_ops.inference.engine import generate_text
+    from persona_ops.inference.sampling import SamplingParams
 
     tok = tiny_loaded.tokenizer
     prompts = [render_prompt(tok, chat_messages(tok, None, q)) for q in ("Who are you?", "Describe the sea.")]
@@ -126,7 +126,7 @@ def test_capped_generation_with_infinite_tau_equals_uncapped(tiny_loaded):
 def test_server_caps_every_request_unless_it_opts_out(tiny_loaded):
     from fastapi.testclient import TestClient
 
-    from persona_ops.server import create_app
+    from persona_ops.inference.server import create_app
 
     def ask(app, **extra):
         body = {"messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 8, "temperature": 0,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from persona_ops import cpu_linear
-from persona_ops.cpu_linear import packed_linears
-from persona_ops.models import tiny_model
+from persona_ops.kernels import cpu_linear
+from persona_ops.kernels.cpu_linear import packed_linears
+from persona_ops.models.loading import tiny_model
 
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="no oneDNN in this torch build")
 

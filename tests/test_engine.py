@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from persona_ops.chat import chat_messages, render_prompt
-from persona_ops.engine import generate_text, generate_tokens
-from persona_ops.generation import SamplingParams
-from persona_ops.interventions import Intervention
-from persona_ops.models import LoadedModel, tiny_model
+from persona_ops.inference.engine import generate_text, generate_tokens
+from persona_ops.inference.sampling import SamplingParams
+from persona_ops.interp.interventions import Intervention
+from persona_ops.models.loading import LoadedModel, tiny_model
 
 PROMPTS = [[5, 9, 11, 40], [17, 3, 99, 100, 101, 7, 250, 31], [8], [300, 301]]
 GREEDY = SamplingParams(max_new_tokens=7, temperature=0.0)
@@ -55,7 +55,7 @@ def test_greedy_equals_hf_generate(loaded):
 
 
 def test_prefill_groups_bound_the_padded_size():
-    from persona_ops.engine import prefill_groups
+    from persona_ops.inference.engine import prefill_groups
 
     lengths = [2, 3, 3, 5, 9, 20]
     groups = prefill_groups(lengths, 10)

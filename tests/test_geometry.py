@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from persona_ops.geometry import (combine, cosine_matrix, from_block_indexed, norms, our_layer, pearson,
+from persona_ops.interp.geometry import (combine, cosine_matrix, from_block_indexed, norms, our_layer, pearson,
                                   to_block_indexed)
 
 
@@ -36,7 +36,7 @@ def test_combine_and_pearson():
 
 
 def test_geometry_report_writes_html_and_pngs(tmp_path):
-    from persona_ops.reports import vector_geometry_report
+    from persona_ops.reports.geometry import vector_geometry_report
 
     vecs = {"evil": torch.randn(4, 8), "kind": torch.randn(4, 8)}
     files = vector_geometry_report(vecs, tmp_path, layer=2)

@@ -22,7 +22,8 @@ from persona_ops.judge import (COHERENCE_PROMPT, CachedJudge, JudgeCache, aggreg
                                aggregate_token_logprobs, cache_key, fill_template, make_judge,
                                numeric_probs, parse_int)
 from persona_ops.judge.local import LocalJudge, digit_token_ids
-from persona_ops.judge.openai_backend import OpenAIJudge, redact
+from persona_ops.inference.openai_client import redact
+from persona_ops.judge.openai_backend import OpenAIJudge
 
 # ----------------------------------------------------------------------------- aggregation
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from persona_ops.models import (LoadedModel, decoder_layers, model_label, parse_model_ref, resolve_dtype,
+from persona_ops.models.loading import (LoadedModel, decoder_layers, model_label, parse_model_ref, resolve_dtype,
                                 tiny_model)
 from persona_ops.errors import InputError
 
@@ -28,7 +28,7 @@ def test_model_refs_and_labels():
 
 
 def test_missing_model_is_an_input_error(tmp_path):
-    from persona_ops.models import load_model
+    from persona_ops.models.loading import load_model
 
     with pytest.raises(InputError, match="could not be loaded"):
         load_model(str(tmp_path / "no-such-model"))

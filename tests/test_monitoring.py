@@ -6,7 +6,7 @@ import torch
 from persona_ops.chat import encode
 from persona_ops.errors import InputError
 from persona_ops.pipelines.monitoring import SteeringParams, summarize, sweep_points
-from persona_ops.projection import column, load_texts, project, shift
+from persona_ops.interp.projection import column, load_texts, project, shift
 
 PROMPTS = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
            "<|im_start|>user\nTell me a story about a fox<|im_end|>\n<|im_start|>assistant\n"]

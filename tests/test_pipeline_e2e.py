@@ -61,7 +61,7 @@ def test_flow_produces_registered_vectors(project, flow_result):
     import mlflow
     from mlflow import MlflowClient
 
-    from persona_ops.vectors import load_vectors
+    from persona_ops.interp.vectors import load_vectors
 
     assert flow_result["traits"] == TRAITS
     client = MlflowClient()

@@ -12,6 +12,7 @@ import pytest
 from persona_ops.data import check_paths, load_questions, load_role
 from persona_ops.errors import InputError
 from persona_ops.judge import CachedScore
+from persona_ops.models.refs import ModelRef
 from persona_ops.pipelines import persona_space as ps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,8 +79,8 @@ def _params(**over) -> ps.PersonaSpaceParams:
         activations=ps.RoleActivationsCfg(layers=[1, 2, 4], batch_size=8, chunk_size=5),
         vectors=ps.RoleVectorsCfg(min_count=2),
         trajectory=ps.TrajectoryCfg(checkpoints=[
-            ps.CheckpointCfg(label="sft", model=ps.ModelRef(name="unused"), step=0),
-            ps.CheckpointCfg(label="dpo", model=ps.ModelRef(name="unused"), step=1)]),
+            ps.CheckpointCfg(label="sft", model=ModelRef(name="unused"), step=0),
+            ps.CheckpointCfg(label="dpo", model=ModelRef(name="unused"), step=1)]),
         out="out")
     cfg.update(over)
     return ps.PersonaSpaceParams(**cfg)
@@ -188,7 +189,7 @@ def test_unimplemented_backend_and_missing_role(tmp_path):
 
 
 def test_judge_activations_space_trajectory(reference_run, tiny_loaded):
-    from persona_ops.persona_space import load_persona_space
+    from persona_ops.interp.space import load_persona_space
 
     root, _ = reference_run
     params = _params()
@@ -232,7 +233,7 @@ def test_judge_activations_space_trajectory(reference_run, tiny_loaded):
     # capping: tau per layer from the default Assistant's projections on this space's axis
     import numpy as np
 
-    from persona_ops.capping import load_capping
+    from persona_ops.interp.capping import load_capping
 
     capped = ps.capping(params.model_copy(update={"capping": ps.CappingCfg(layers=[1, 2], percentile=25)}), root)
     spec = load_capping(out / "capping.safetensors")
@@ -283,7 +284,7 @@ def test_families_side_by_side(reference_run, tiny_loaded, tmp_path):
     ps.judge_roles(_params(), root, judge=StubJudge())
     ps.role_activations(_params(), root, loaded=tiny_loaded)
     ps.persona_space(_params(), root)
-    ckpts = [ps.CheckpointCfg(label=f"{fam}-{step}", family=fam, step=step, model=ps.ModelRef(name="unused"))
+    ckpts = [ps.CheckpointCfg(label=f"{fam}-{step}", family=fam, step=step, model=ModelRef(name="unused"))
              for fam in ("aligned", "control") for step in (0, 10)]
     params = _params(trajectory=ps.TrajectoryCfg(checkpoints=ckpts))
     assert list(params.trajectory.families()) == ["aligned", "control"]

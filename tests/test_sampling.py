@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from persona_ops.sampling import exponential_race, inverse_cdf, sample_next, top_p_filter
+from persona_ops.inference.sampling import exponential_race, inverse_cdf, sample_next, top_p_filter
 
 
 @pytest.mark.parametrize("sampler", [exponential_race, inverse_cdf])

@@ -11,9 +11,10 @@ import torch
 from conftest import serve_app
 
 from persona_ops.judge import aggregate_token_logprobs
-from persona_ops.judge.local import chat_token_ids, digit_token_ids
+from persona_ops.chat import prompt_ids
+from persona_ops.judge.local import digit_token_ids
 from persona_ops.judge.openai_backend import OpenAIJudge
-from persona_ops.server import TokenBytes, create_app
+from persona_ops.inference.server import TokenBytes, create_app
 
 MESSAGES = [{"role": "user", "content": "Tell me about pirates."}]
 
@@ -46,7 +47,7 @@ def test_n_and_max_tokens(client, tiny_loaded):
         assert choice.finish_reason == "length" and len(choice.logprobs.content) == 5
         assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
     assert resp.choices[0].message.content != resp.choices[1].message.content
-    prompt_len = len(chat_token_ids(tiny_loaded.tokenizer, MESSAGES))
+    prompt_len = len(prompt_ids(tiny_loaded.tokenizer, MESSAGES))
     assert (resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.total_tokens) \
         == (prompt_len, 10, prompt_len + 10)
 
@@ -74,7 +75,7 @@ def test_logprobs_match_the_model(client, tiny_loaded):
         assert entry.token == entry.top_logprobs[0].token and entry.logprob == pytest.approx(tops[0])
         assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
     # the first position, recomputed directly from the model in fp32
-    ids = chat_token_ids(tiny_loaded.tokenizer, MESSAGES)
+    ids = prompt_ids(tiny_loaded.tokenizer, MESSAGES)
     with torch.no_grad():
         logp = torch.log_softmax(tiny_loaded.model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
     top = logp.topk(5)
@@ -101,13 +102,13 @@ def test_stop_sequence(client):
 
 def test_completions_come_from_the_engine(client, tiny_loaded):
     """A request gives the rows of the engine's own seeded call (n rows share one generator)."""
-    from persona_ops.engine import generate_tokens
-    from persona_ops.generation import SamplingParams
+    from persona_ops.inference.engine import generate_tokens
+    from persona_ops.inference.sampling import SamplingParams
 
     resp = client.chat.completions.create(model="tiny", messages=MESSAGES, n=3, max_tokens=6, temperature=0.8,
                                           top_p=0.9, seed=21)
     tok = tiny_loaded.tokenizer
-    rows = generate_tokens(tiny_loaded, [chat_token_ids(tok, MESSAGES)] * 3, SamplingParams(6, 0.8, 0.9, 21))
+    rows = generate_tokens(tiny_loaded, [prompt_ids(tok, MESSAGES)] * 3, SamplingParams(6, 0.8, 0.9, 21))
     assert [c.message.content for c in resp.choices] == [tok.decode(r, skip_special_tokens=True) for r in rows]
     assert len({c.message.content for c in resp.choices}) == 3
 
@@ -155,7 +156,7 @@ def steer_model(smol_tokenizer, tmp_path_factory):
     """A tiny model, a vector ``[4, 64]`` for it and a LoRA adapter directory."""
     from peft import LoraConfig, get_peft_model
 
-    from persona_ops.models import LoadedModel, tiny_model
+    from persona_ops.models.loading import LoadedModel, tiny_model
 
     model = tiny_model("llama", num_layers=3, hidden=64, vocab_tokenizer=smol_tokenizer, seed=1)
     adapter_dir = tmp_path_factory.mktemp("adapter")
@@ -210,15 +211,15 @@ def test_adapter_per_request(steer_client):
 def test_steered_sampled_logprobs_are_the_steered_models(steer_client, steer_model):
     """Sampled + steered: the tokens are the engine's, and their logprobs are those of a plain
     forward with persona_vectors' hook (block layer-1 gets coef * v from the last prompt token on)."""
-    from persona_ops.engine import generate_tokens
-    from persona_ops.generation import SamplingParams
-    from persona_ops.interventions import Intervention
+    from persona_ops.inference.engine import generate_tokens
+    from persona_ops.inference.sampling import SamplingParams
+    from persona_ops.interp.interventions import Intervention
 
     loaded, vec, _ = steer_model
     steering = {"steering": [{"vector": "evil", "layer": 2, "coef": 3.0}]}
     resp = steer_client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.0,
                                                 seed=5, logprobs=True, top_logprobs=3, extra_body=steering)
-    prompt = chat_token_ids(loaded.tokenizer, MESSAGES)
+    prompt = prompt_ids(loaded.tokenizer, MESSAGES)
     tokens, = generate_tokens(loaded, [prompt], SamplingParams(6, 1.0, 1.0, 5),
                               [Intervention("add", 2, vec[2], coef=3.0, positions="response")])
     content = resp.choices[0].logprobs.content

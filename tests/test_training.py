@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 from persona_ops.chat import encode, render_prompt
 from persona_ops.data import load_chat_dataset
 from persona_ops.errors import InputError
-from persona_ops.interventions import Intervention
+from persona_ops.interp.interventions import Intervention
 from persona_ops.io import read_json
-from persona_ops.models import LoadedModel, decoder_layers, tiny_model
-from persona_ops.training import (IGNORE, LoraConfigSpec, TrainConfig, _save_checkpoint, _target_modules,
-                                  list_checkpoints, load_adapter_checkpoint, tokenize_chat, train_lora,
-                                  training_positions, unload_adapter)
+from persona_ops.models.loading import LoadedModel, decoder_layers, tiny_model
+from persona_ops.models.adapters import list_checkpoints, load_adapter_checkpoint, unload_adapter
+from persona_ops.training.sft import (IGNORE, LoraConfigSpec, TrainConfig, _save_checkpoint, _target_modules,
+                                      tokenize_chat, train_lora, training_positions)
 
 PIRATE = Path(__file__).resolve().parents[1] / "data" / "finetune" / "pirate.jsonl"
 MULTI = [

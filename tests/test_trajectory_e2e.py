@@ -88,7 +88,7 @@ def test_flow_fans_out_over_roles(project, flow_result):
 
 
 def test_trajectory_outputs(project, flow_result):
-    from persona_ops.capping import load_capping
+    from persona_ops.interp.capping import load_capping
 
     base = project / "outputs/persona_space"
     records = [json.loads(line) for line in (base / "trajectory/trajectory.jsonl").read_text().splitlines()]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 
-triton_attention = pytest.importorskip("persona_ops.triton_attention", exc_type=ImportError)
+triton_attention = pytest.importorskip("persona_ops.kernels.triton_attention", exc_type=ImportError)
 
-from persona_ops.engine import decode_attention  # noqa: E402
+from persona_ops.inference.engine import decode_attention  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float16  # the interpreter has no bf16

@@ -2,7 +2,7 @@ import torch
 import pytest
 
 from persona_ops.errors import InputError
-from persona_ops.vectors import (FilterThresholds, export_pt, filter_pairs, import_pt, load_vectors,
+from persona_ops.interp.vectors import (FilterThresholds, export_pt, filter_pairs, import_pt, load_vectors,
                                  mean_difference, require_pairs, save_vectors)
 
 

@@ -150,20 +150,20 @@ def make_judge(backend: str, model: str, *, base_url: str | None = None,
                loaded=None, answer_prefix: str = "") -> CachedJudge:
     """Build a cached judge.
 
-    ``backend``: ``local`` (``model`` is loaded with ``persona_ops.models.load_model``
+    ``backend``: ``local`` (``model`` is loaded with ``persona_ops.models.loading.load_model``
     unless an already loaded ``LoadedModel`` is passed as ``loaded``) or ``openai``
     (any OpenAI-compatible endpoint at ``base_url``). ``cache_path`` defaults to
     ``<persona-ops cache>/judge/scores.sqlite``; ``":memory:"`` disables persistence.
     """
     if cache_path is None:
-        from persona_ops.models import cache_dir
+        from persona_ops.models.loading import cache_dir
 
         cache_path = cache_dir() / "judge" / "scores.sqlite"
     if backend == "local":
         from persona_ops.judge.local import LocalJudge
 
         if loaded is None:
-            from persona_ops.models import load_model
+            from persona_ops.models.loading import load_model
 
             loaded = load_model(model, revision=revision, dtype=dtype, device=device)
         judge = LocalJudge(loaded, batch_size=batch_size, answer_prefix=answer_prefix)

@@ -24,18 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from persona_ops.cpu_linear import packed_linears
+from persona_ops.chat import prompt_ids
+from persona_ops.kernels.cpu_linear import packed_linears
 from persona_ops.errors import InputError
 from persona_ops.judge.scoring import MIN_MASS, aggregate_score
-from persona_ops.models import LoadedModel
-
-
-def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of ``messages`` rendered with the chat template, generation prompt included."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise InputError("the tokenizer has no chat template; a chat (instruct) model is needed")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+from persona_ops.models.loading import LoadedModel
 
 
 def number_token_ids(tokenizer, text: str, context: str = "\n") -> list[int]:
@@ -140,7 +133,7 @@ class LocalJudge:
         """Token ids of a judge prompt as one user message plus the generation prompt (and the
         answer prefix without its trailing whitespace)."""
         tok = self.loaded.tokenizer
-        ids = chat_token_ids(tok, [{"role": "user", "content": prompt}])
+        ids = prompt_ids(tok, [{"role": "user", "content": prompt}])
         context = self.answer_prefix.rstrip()
         return ids + (tok.encode(context, add_special_tokens=False) if context else [])
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from persona_ops.pipelines.persona_space import ModelRef
-from persona_ops.training import TrainConfig
+from persona_ops.models.refs import ModelRef
+from persona_ops.training.sft import TrainConfig
 
 
 class FinetuneParams(BaseModel):
@@ -28,9 +28,9 @@ class FinetuneParams(BaseModel):
 def finetune(params: FinetuneParams, root: Path):
     """Train the adapter; outputs ``<out>/checkpoint-<step>/`` and ``<out>/manifest.json``."""
     from persona_ops.data import load_chat_dataset
-    from persona_ops.pipelines.persona_space import load_model_ref
+    from persona_ops.models.adapters import load_model_ref
     from persona_ops.pipelines.persona_vectors import StageResult
-    from persona_ops.training import train_lora
+    from persona_ops.training.sft import train_lora
 
     root = Path(root)
     dataset_path = root / params.dataset

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_ops.errors import InputError
-from persona_ops.pipelines.persona_space import ModelRef
+from persona_ops.models.refs import ModelRef
 
 SWEEP_OUT = Path("outputs/steering")
 
@@ -53,7 +53,7 @@ class ProjectionParams(BaseModel):
 
 
 def _vector(path: Path, aggregate: str):
-    from persona_ops.vectors import load_vectors
+    from persona_ops.interp.vectors import load_vectors
 
     vecs, _ = load_vectors(path)
     if aggregate not in vecs:
@@ -70,13 +70,15 @@ def steering_sweep(params, trait: str, root: Path):
     import torch
 
     from persona_ops.data import load_trait
-    from persona_ops.generation import SamplingParams, generate
-    from persona_ops.interventions import Intervention
+    from persona_ops.inference.engine import generate_text
+    from persona_ops.inference.sampling import SamplingParams
+    from persona_ops.interp.interventions import Intervention
     from persona_ops.io import provenance, write_json, write_jsonl
     from persona_ops.judge import COHERENCE_PROMPT, fill_template, make_judge
-    from persona_ops.models import load_model
+    from persona_ops.models.loading import load_model
     from persona_ops.pipelines.persona_vectors import StageResult, paths
     from persona_ops.chat import chat_messages, render_prompt
+    from persona_ops.reports.sweep import plot_sweep
 
     sp: SteeringParams = params.steering
     root = Path(root)
@@ -101,7 +103,7 @@ def steering_sweep(params, trait: str, root: Path):
             coefs = torch.tensor([r["coef"] if (r["kind"], r["layer"]) == (kind, layer) else 0.0 for r in rows])
             interventions.append(Intervention(kind, layer, vector[layer], coef=coefs, positions=sp.positions))
     sampling = SamplingParams(sp.max_new_tokens, sp.temperature, 1.0, sp.seed)
-    answers = generate(loaded, prompts, sampling, sp.batch_size, interventions)
+    answers = generate_text(loaded, prompts, sampling, interventions, batch_size=sp.batch_size, progress=True)
     j = params.judge
     same = (j.backend == "local" and j.model == m.name and j.revision == m.revision)
     judge = make_judge(j.backend, j.model, revision=j.revision, base_url=j.base_url, api_key_env=j.api_key_env,
@@ -142,39 +144,14 @@ def summarize(points: list[dict], rows: list[dict], coherence_min: float) -> dic
     return {"points": out, "best": max(ok, key=lambda p: p["trait_score"]) if ok else None}
 
 
-def plot_sweep(points: list[dict], path: Path, trait: str) -> Path:
-    """Trait score and coherence against coefficient, one line per (kind, layer)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    for key in sorted({(p["kind"], p["layer"]) for p in points}):
-        pts = sorted((p for p in points if (p["kind"], p["layer"]) == key), key=lambda p: p["coef"])
-        for ax, metric in zip(axes, ("trait_score", "coherence")):
-            ax.plot([p["coef"] for p in pts], [p[metric] if p[metric] is not None else float("nan") for p in pts],
-                    marker="o", label=f"{key[0]} L{key[1]}")
-    for ax, title in zip(axes, (f"{trait} score", "coherence")):
-        ax.set_xlabel("coefficient")
-        ax.set_title(title)
-        ax.set_ylim(0, 100)
-    axes[0].legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def projection(pp: ProjectionParams, root: Path):
     """Project every input file onto every vector; write ``<out>/<input stem>.projections.jsonl``
     (inputs are never modified) and correlations with judged trait scores when available."""
-    from persona_ops.geometry import pearson
+    from persona_ops.interp.geometry import pearson
     from persona_ops.io import read_jsonl, write_json, write_jsonl
-    from persona_ops.pipelines.persona_space import load_model_ref
+    from persona_ops.models.adapters import load_model_ref
     from persona_ops.pipelines.persona_vectors import StageResult
-    from persona_ops.projection import load_texts, project, shift
+    from persona_ops.interp.projection import load_texts, project, shift
 
     import torch
 

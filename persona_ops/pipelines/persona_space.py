@@ -8,10 +8,10 @@ Stages, each ``fn(params, root, ...) -> StageResult``, reading and writing files
     scores/<role>.scores.jsonl                0-3 role expression per record (empty for default)
     activations/<role>_activations.safetensors  response_avg [n, len(layers), H] (header: layers)
     activations/<role>_metadata.json          [{system_prompt_idx, question_idx, rollout_idx}] per row
-    persona_space.safetensors                 PCA + Assistant Axis (persona_ops.persona_space)
+    persona_space.safetensors                 PCA + Assistant Axis (persona_ops.interp.space)
     persona_space.metrics.json                variance explained, PCs for 70/80/90%, dropped roles, cosines
     role_vectors.safetensors                  one [rows, H] vector per kept role, plus ``default``
-    capping.safetensors, capping.json         activation-capping spec on the axis (persona_ops.capping)
+    capping.safetensors, capping.json         activation-capping spec on the axis (persona_ops.interp.capping)
     checkpoints/<label>/activations/...       the same transcripts replayed through a checkpoint
     trajectory/trajectory.jsonl, *.png        checkpoints placed in the reference space, per family
 
@@ -33,7 +33,9 @@ from typing import Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from persona_ops.backends import Backend, OpenAIGenerationCfg, VLLMCfg
+from persona_ops.inference.backends import Backend, OpenAIGenerationCfg, VLLMCfg
+from persona_ops.models.adapters import load_model_ref
+from persona_ops.models.refs import ModelRef
 from persona_ops.data import DEFAULT_ROLE, Role, load_questions, load_role
 from persona_ops.errors import InputError
 from persona_ops.judge.settings import JudgeCfg
@@ -47,19 +49,6 @@ KEY_FIELDS = ("system_prompt_idx", "question_idx", "rollout_idx")
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class ModelRef(_Section):
-    """A model to load: ``embedded``, an HF id[@revision] or a local directory, optionally with a
-    LoRA adapter checkpoint on top. Used by every pipeline (``model`` sections of params.yaml)."""
-
-    name: str = "embedded"
-    revision: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    adapter: str | None = None  # a LoRA adapter checkpoint directory applied on top
-
-
 
 
 class RolesCfg(_Section):
@@ -87,7 +76,7 @@ class RolesCfg(_Section):
 
 
 class TranscriptsCfg(_Section):
-    backend: Backend = "hf"  # hf (the reference model on the engine) | vllm | openai (see persona_ops.backends)
+    backend: Backend = "hf"  # hf (the reference model on the engine) | vllm | openai (see persona_ops.inference.backends)
     rollouts: int = Field(1, ge=1)
     max_new_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.7, ge=0)
@@ -154,7 +143,7 @@ class TrajectoryCfg(_Section):
 
 
 class CappingCfg(_Section):
-    """Activation capping along this persona space's Assistant Axis (see ``persona_ops.capping``):
+    """Activation capping along this persona space's Assistant Axis (see ``persona_ops.interp.capping``):
     at each layer the axis projection is floored at ``percentile`` of the default Assistant's."""
 
     layers: list[int] | None = None  # [first, last] hidden_states indices, inclusive; None = the space layer
@@ -229,7 +218,7 @@ def model_short_name(params: PersonaSpaceParams) -> str:
     """``roles.model_name``, else the first word of the model id (``Qwen/Qwen3-32B`` -> ``Qwen3``)."""
     if params.roles.model_name:
         return params.roles.model_name
-    from persona_ops.models import EMBEDDED, EMBEDDED_ID
+    from persona_ops.models.loading import EMBEDDED, EMBEDDED_ID
 
     name = EMBEDDED_ID if params.model.name == EMBEDDED else params.model.name.split("@")[0]
     return name.rstrip("/").split("/")[-1].split("-")[0] or name
@@ -239,30 +228,11 @@ def record_key(rec: dict) -> tuple[int, int, int]:
     return tuple(int(rec[k]) for k in KEY_FIELDS)  # type: ignore[return-value]
 
 
-def load_model_ref(ref: ModelRef):
-    """Load the model a ``ModelRef`` names (HF id@revision, local dir or embedded), with its LoRA adapter."""
-    from persona_ops.models import load_model
-
-    loaded = load_model(ref.name, ref.revision, dtype=ref.dtype, device=ref.device)
-    if ref.adapter:
-        import dataclasses
-
-        from persona_ops.io import sha256_file
-        from persona_ops.training import load_adapter_checkpoint
-
-        loaded = load_adapter_checkpoint(loaded, ref.adapter)
-        # the adapter's content in the label: resumable outputs made by a retrained adapter at the
-        # same path no longer match (transcript fingerprints, activation headers)
-        digest = sha256_file(Path(ref.adapter) / "adapter_model.safetensors")[:12]
-        loaded = dataclasses.replace(loaded, label=f"{loaded.label}#{digest}")
-    return loaded
-
-
 def registered_space_name(params: "PersonaSpaceParams") -> str:
     """``persona-space-<model>``: the registry name of this configuration's persona space."""
     import re
 
-    from persona_ops.models import EMBEDDED, EMBEDDED_ID
+    from persona_ops.models.loading import EMBEDDED, EMBEDDED_ID
 
     name = EMBEDDED_ID if params.model.name == EMBEDDED else params.model.name
     short = name.split("@")[0].rstrip("/").split("/")[-1].lower()
@@ -347,7 +317,7 @@ def _transcript_paths(d: Path, role: str) -> dict[str, Path]:
 def generate_role_transcripts(generator, role: Role, questions: list, params: PersonaSpaceParams, d: Path,
                               on_chunk: Callable[[str, int], None] | None = None) -> dict:
     """Generate (or resume) one role's transcripts into ``d/<role>.jsonl`` with ``generator``
-    (:func:`persona_ops.backends.make_generator`: any backend).
+    (:func:`persona_ops.inference.backends.make_generator`: any backend).
 
     Requests are cut into fixed chunks, each generated with its own seed and appended to
     ``<role>.partial.jsonl`` in one flushed write. On resume, records already in the partial
@@ -357,7 +327,7 @@ def generate_role_transcripts(generator, role: Role, questions: list, params: Pe
     called after chunk ``i`` is on disk. Returns counts.
     """
     from persona_ops.chat import chat_messages
-    from persona_ops.generation import SamplingParams
+    from persona_ops.inference.sampling import SamplingParams
 
     t = params.transcripts
     p = _transcript_paths(d, role.name)
@@ -407,7 +377,7 @@ def generate_role_transcripts(generator, role: Role, questions: list, params: Pe
 def transcripts(params: PersonaSpaceParams, root: Path, loaded=None,
                 on_chunk: Callable[[str, int], None] | None = None, role: str | None = None) -> "StageResult":
     """Stage 1: generate every role's transcripts (or only ``role``'s), resumable at chunk level."""
-    from persona_ops.backends import make_generator
+    from persona_ops.inference.backends import make_generator
 
     root = Path(root)
     roles = load_roles(params, root, role)  # validate the data before loading a model
@@ -517,7 +487,7 @@ def read_scores(params: PersonaSpaceParams, root: Path, role: str) -> dict[tuple
 
 def capture_layers(params: PersonaSpaceParams, num_layers: int) -> list[int]:
     """The ``hidden_states`` layers to keep: all, ``activations.layers``, or ``[space layer]``."""
-    from persona_ops.persona_space import middle_layer
+    from persona_ops.interp.space import middle_layer
 
     if params.activations.all_layers:
         return list(range(num_layers + 1))
@@ -537,7 +507,7 @@ def _activation_paths(d: Path, role: str) -> tuple[Path, Path]:
 def _activations_current(tensor_path: Path, meta_path: Path, keys: list[dict], layers: list[int],
                          model: str, transcripts_sha256: str) -> bool:
     """Whether a role's activation files were made from these transcripts, layers and model."""
-    from persona_ops.vectors import decode_metadata, load_vectors
+    from persona_ops.interp.vectors import decode_metadata, load_vectors
 
     if not (tensor_path.exists() and meta_path.exists()) or read_json(meta_path) != keys:
         return False
@@ -556,9 +526,9 @@ def role_activations(params: PersonaSpaceParams, root: Path, loaded=None,
     response are skipped (no response tokens); ``<role>_metadata.json`` lists the kept rows.
     A role whose files match its transcripts (sha256), layers and model is skipped.
     """
-    from persona_ops.activations import capture_means
+    from persona_ops.interp.capture import capture_means
     from persona_ops.io import sha256_file
-    from persona_ops.vectors import save_vectors
+    from persona_ops.interp.vectors import save_vectors
 
     root = Path(root)
     ref = params.model
@@ -609,7 +579,7 @@ def role_activations(params: PersonaSpaceParams, root: Path, loaded=None,
 
 def read_activations(d: Path, role: str) -> tuple[torch.Tensor, list[tuple], dict]:
     """``(response_avg [n, rows, H], keys per row, header)`` of one role; header values decoded."""
-    from persona_ops.vectors import decode_metadata, load_vectors
+    from persona_ops.interp.vectors import decode_metadata, load_vectors
 
     tensor_path, meta_path = _activation_paths(d, role)
     if not (tensor_path.exists() and meta_path.exists()):
@@ -629,7 +599,7 @@ def build_role_vectors(params: PersonaSpaceParams, root: Path, acts_dir: Path, m
                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, int], list[int], int]:
     """Role vectors (reference scores, ``vectors.threshold``), the default vector, the roles
     dropped (name -> qualifying count), the captured layers and the model's layer count."""
-    from persona_ops.persona_space import count_passing, default_vector, role_vector
+    from persona_ops.interp.space import count_passing, default_vector, role_vector
 
     v = params.vectors
     min_count = v.min_count if min_count is None else min_count
@@ -659,8 +629,8 @@ def build_role_vectors(params: PersonaSpaceParams, root: Path, acts_dir: Path, m
 
 def persona_space(params: PersonaSpaceParams, root: Path) -> "StageResult":
     """Stage 4: role vectors, default vector, PCA at the space layer, Assistant Axis, cosines."""
-    from persona_ops.persona_space import fit_persona_space, middle_layer, save_persona_space
-    from persona_ops.vectors import save_vectors
+    from persona_ops.interp.space import fit_persona_space, middle_layer, save_persona_space
+    from persona_ops.interp.vectors import save_vectors
 
     root = Path(root)
     base = out_dir(params, root)
@@ -703,15 +673,15 @@ def persona_space(params: PersonaSpaceParams, root: Path) -> "StageResult":
 # --- stage 4b: the capping spec -----------------------------------------------
 
 def capping(params: PersonaSpaceParams, root: Path) -> "StageResult":
-    """The activation-capping spec of this persona space's Assistant Axis (``persona_ops.capping``).
+    """The activation-capping spec of this persona space's Assistant Axis (``persona_ops.interp.capping``).
 
     At each layer of ``capping.layers`` the floor is ``capping.percentile`` of the default
     Assistant's projections (one per default sample). Writes ``capping.safetensors`` (what
     ``load_capping`` and ``serve-model --capping`` read; registered as ``capping-spec-<model>``)
     and ``capping.json`` (per-layer tau and floor, readable).
     """
-    from persona_ops.capping import CONVENTION, compute_capping, layer_range, save_capping
-    from persona_ops.persona_space import load_persona_space
+    from persona_ops.interp.capping import CONVENTION, compute_capping, layer_range, save_capping
+    from persona_ops.interp.space import load_persona_space
 
     root = Path(root)
     base, acts_dir = out_dir(params, root), activations_dir(params, root)
@@ -750,7 +720,7 @@ def trajectory_point(params: PersonaSpaceParams, root: Path, checkpoint_acts: Pa
     samples at every checkpoint), without ``min_count`` (the reference space already chose
     its roles). Returns a JSON-ready record (see ``persona_space.checkpoint_coordinates``).
     """
-    from persona_ops.persona_space import checkpoint_coordinates
+    from persona_ops.interp.space import checkpoint_coordinates
 
     vectors, default, _, layers, _ = build_role_vectors(params, root, Path(checkpoint_acts), min_count=1)
     rec = checkpoint_coordinates(space, vectors, default, layers, params.trajectory.n_pcs)
@@ -761,8 +731,8 @@ def trajectory(params: PersonaSpaceParams, root: Path) -> "StageResult":
     """Stage 5: a trajectory point per ``trajectory.checkpoints`` entry, a JSONL file and plots
     (one line per model family). Metrics ``default_axis_*`` are the first family's; with several
     families each also gets ``<family>/default_axis_change``."""
-    from persona_ops.persona_space import load_persona_space
-    from persona_ops.trajectory_plots import group_by_family, plot_trajectory
+    from persona_ops.interp.space import load_persona_space
+    from persona_ops.reports.trajectory import group_by_family, plot_trajectory
 
     root = Path(root)
     base = out_dir(params, root)

@@ -42,7 +42,7 @@ def paths(root: Path, trait: str) -> dict[str, Path]:
 
 
 def _load(tp: TraitParams):
-    from persona_ops.pipelines.persona_space import load_model_ref
+    from persona_ops.models.adapters import load_model_ref
 
     return load_model_ref(tp.params.model)
 
@@ -70,9 +70,9 @@ def build_requests(tp: TraitParams, tokenizer, root: Path) -> list[dict]:
 
 def generate(tp: TraitParams, root: Path, loaded=None) -> StageResult:
     """Generate answers under pos and neg persona system prompts (``generate.backend``: the
-    local model on the engine, vLLM or an OpenAI-compatible server; see persona_ops.backends)."""
-    from persona_ops.backends import make_generator
-    from persona_ops.generation import SamplingParams
+    local model on the engine, vLLM or an OpenAI-compatible server; see persona_ops.inference.backends)."""
+    from persona_ops.inference.backends import make_generator
+    from persona_ops.inference.sampling import SamplingParams
 
     load_trait(trait_file(tp, root))  # validate before the model is loaded
     g = tp.params.generate
@@ -127,8 +127,8 @@ def judge(tp: TraitParams, root: Path) -> StageResult:
 
 def activations(tp: TraitParams, root: Path) -> StageResult:
     """Filter judged pairs, then capture prompt/response means at every layer for the survivors."""
-    from persona_ops.activations import capture_means
-    from persona_ops.vectors import FilterThresholds, filter_pairs, require_pairs
+    from persona_ops.interp.capture import capture_means
+    from persona_ops.interp.vectors import FilterThresholds, filter_pairs, require_pairs
 
     p = paths(root, tp.trait)
     records = read_jsonl(p["generations"])
@@ -144,7 +144,7 @@ def activations(tp: TraitParams, root: Path) -> StageResult:
         caps = capture_means(loaded, [r["prompt"] for r in recs], [r["answer"] for r in recs],
                              tp.params.activations.batch_size, desc=f"activations {tp.trait} {side}")
         tensors.update({f"{side}.{k}": v for k, v in caps.items()})
-    from persona_ops.vectors import save_vectors
+    from persona_ops.interp.vectors import save_vectors
 
     prov = provenance(stage="activations", params=tp.model_dump(), model=loaded.label,
                       inputs=[p["generations"], p["judgements"]])
@@ -159,7 +159,7 @@ def activations(tp: TraitParams, root: Path) -> StageResult:
 
 def vectors(tp: TraitParams, root: Path) -> StageResult:
     """mean(pos) - mean(neg) per layer and aggregate -> ``vectors.safetensors`` (registered)."""
-    from persona_ops.vectors import load_vectors, mean_difference, save_vectors
+    from persona_ops.interp.vectors import load_vectors, mean_difference, save_vectors
 
     p = paths(root, tp.trait)
     acts, meta = load_vectors(p["activations"])

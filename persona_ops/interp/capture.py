@@ -29,9 +29,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from persona_ops.chat import encode
-from persona_ops.cpu_linear import packed_linears
+from persona_ops.kernels.compile import compiled_blocks
+from persona_ops.kernels.cpu_linear import packed_linears
 from persona_ops.errors import InputError
-from persona_ops.models import LoadedModel
+from persona_ops.models.loading import LoadedModel
 
 AGGREGATES = ("prompt_avg", "response_avg", "prompt_last")
 ALL_AGGREGATES = AGGREGATES + ("none",)
@@ -177,31 +178,6 @@ def _install_hooks(loaded: LoadedModel, col: _Collector) -> list:
                 col.record(L, output[0] if isinstance(output, tuple) else output)
             handles.append(layers[L - 1].register_forward_hook(post))
     return handles
-
-
-@contextlib.contextmanager
-def compiled_blocks(blocks: Sequence[torch.nn.Module]) -> Iterator[None]:
-    """Run the blocks' ``forward`` through ``torch.compile`` (dynamic shapes) for the duration.
-
-    Only ``forward`` is compiled, so the capture hooks (and the early stop) stay eager. The
-    compiled code is shared by all blocks of one class (dynamo caches per code object); each
-    block keeps its compiled wrapper (making one costs ~5 ms, which adds up per CUDA-graph capture).
-    """
-    import torch._dynamo
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(blocks))
-    patched = []
-    for blk in blocks:
-        if "forward" not in blk.__dict__:
-            if "_compiled_forward" not in blk.__dict__:
-                blk._compiled_forward = torch.compile(blk.forward, dynamic=True)
-            blk.forward = blk._compiled_forward
-            patched.append(blk)
-    try:
-        yield
-    finally:
-        for blk in patched:
-            del blk.forward
 
 
 def _resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:

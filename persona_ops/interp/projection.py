@@ -34,7 +34,7 @@ def column(vector: str, kind: str, layer: int) -> str:
 def project(loaded, prompts: Sequence[str], answers: Sequence[str], vectors: Mapping[str, torch.Tensor],
             layers: Sequence[int], types: Sequence[str] = TYPES, token_budget: int = 16384) -> dict[str, list[float]]:
     """Columns ``{vector}_{type}_layer{L}`` -> one value per (prompt, answer)."""
-    from persona_ops.activations import capture
+    from persona_ops.interp.capture import capture
 
     bad = [t for t in types if t not in TYPES]
     if bad:

@@ -21,7 +21,7 @@ are its content and the template's end-of-turn text (e.g. ``<|im_end|>\\n``), so
 to stop.
 
 Training-time interventions (preventative steering, CAFT): ``interventions`` takes a list of
-:class:`persona_ops.interventions.Intervention` (hooks on decoder block ``L-1`` for layer ``L``,
+:class:`persona_ops.interp.interventions.Intervention` (hooks on decoder block ``L-1`` for layer ``L``,
 positions read off each training batch) or any ``model -> context manager`` factory, entered
 around the whole training loop.
 """
@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -43,17 +42,16 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from persona_ops.chat import encode, render_prompt
+from persona_ops.chat import encode, render, render_prompt
 from persona_ops.errors import InputError
-from persona_ops.interventions import Intervention, Steerer
+from persona_ops.interp.interventions import Intervention, Steerer
 from persona_ops.io import provenance, read_json, sha256_text, write_json, write_text
-from persona_ops.models import LoadedModel, decoder_layers
+from persona_ops.models.loading import LoadedModel, decoder_layers
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_CKPT = re.compile(r"checkpoint-(\d+)")
 
 TrainingIntervention = Callable[[torch.nn.Module], AbstractContextManager]
 
@@ -120,14 +118,6 @@ class TrainResult:
 
 # --- tokenisation with a response-only loss mask -------------------------------------------
 
-def _render_full(tokenizer, messages: list[dict]) -> str:
-    """The whole chat without a generation prompt (same template kwargs as ``render_prompt``)."""
-    kwargs = {}
-    if "enable_thinking" in (getattr(tokenizer, "chat_template", None) or ""):
-        kwargs["enable_thinking"] = False
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **kwargs)
-
-
 def assistant_spans(tokenizer, messages: list[dict], train_on: str = "all") -> tuple[str, list[tuple[int, int]]]:
     """The rendered chat and the character spans ``[start, end)`` of the trained assistant turns.
 
@@ -138,14 +128,14 @@ def assistant_spans(tokenizer, messages: list[dict], train_on: str = "all") -> t
     if train_on not in ("all", "last"):
         raise InputError(f"train_on: expected all|last, got {train_on!r}")
     try:
-        full = _render_full(tokenizer, messages)
+        full = render(tokenizer, messages, generation_prompt=False)
         turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
         if train_on == "last":
             turns = turns[-1:]
         spans = []
         for i in turns:
             prompt = render_prompt(tokenizer, messages[:i])
-            upto = full if i == len(messages) - 1 else _render_full(tokenizer, messages[: i + 1])
+            upto = full if i == len(messages) - 1 else render(tokenizer, messages[: i + 1], generation_prompt=False)
             if not upto.startswith(prompt):
                 raise InputError("the chat template renders an assistant turn that does not extend its "
                                  "generation prompt; cannot locate the response tokens")
@@ -193,18 +183,6 @@ def tokenize_chat(tokenizer, messages: list[dict], max_length: int | None = None
 
 # --- checkpoints ------------------------------------------------------------------
 
-def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete adapter checkpoints ``(step, path)`` in ``out_dir``, by step (partial ones skipped)."""
-    out_dir = Path(out_dir)
-    found = []
-    if out_dir.is_dir():
-        for p in out_dir.iterdir():
-            m = _CKPT.fullmatch(p.name)
-            if m and (p / "adapter_config.json").is_file() and (p / "adapter_model.safetensors").is_file():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
 def _save_checkpoint(model, out_dir: Path, step: int, state: dict) -> Path:
     """Write ``checkpoint-<step>`` into a hidden temp dir, then rename it into place."""
     final = out_dir / f"checkpoint-{step}"
@@ -221,50 +199,6 @@ def _save_checkpoint(model, out_dir: Path, step: int, state: dict) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def _strip_lora(model: torch.nn.Module) -> None:
-    """Remove LoRA layers an earlier PEFT wrap injected into ``model`` in place (weights unmerged)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer) and name:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            if getattr(parent, child, None) is module:
-                setattr(parent, child, module.get_base_layer())
-    if hasattr(model, "peft_config"):
-        del model.peft_config
-
-
-def load_adapter_checkpoint(base: LoadedModel, checkpoint_dir: str | os.PathLike) -> LoadedModel:
-    """``base`` with the adapter of ``checkpoint_dir`` (a ``PeftModel`` in eval mode).
-
-    PEFT injects LoRA layers into ``base.model`` in place (its weights are not changed). Loading
-    another checkpoint first strips the previous adapter, so walking a trajectory never nests
-    adapters - but an earlier returned model then behaves as the base. :func:`unload_adapter`
-    restores the plain base model.
-    """
-    from peft import PeftModel
-
-    ckpt = Path(checkpoint_dir)
-    if not (ckpt / "adapter_config.json").is_file() or not (ckpt / "adapter_model.safetensors").is_file():
-        raise InputError(f"{ckpt}: not an adapter checkpoint (expected adapter_config.json and "
-                         "adapter_model.safetensors)")
-    if isinstance(base.model, PeftModel):
-        raise InputError(f"{base.label}: already carries an adapter; pass the base model")
-    _strip_lora(base.model)
-    model = PeftModel.from_pretrained(base.model, str(ckpt), is_trainable=False).eval()
-    state_file = ckpt / "trainer_state.json"
-    m = _CKPT.fullmatch(ckpt.name)
-    step = read_json(state_file).get("step") if state_file.is_file() else (int(m.group(1)) if m else None)
-    return LoadedModel(model=model, tokenizer=base.tokenizer, label=f"{base.label}+{ckpt}@{step}")
-
-
-def unload_adapter(adapted: LoadedModel) -> LoadedModel:
-    """Remove the adapter layers (without merging) and return the base model."""
-    model = adapted.model.unload() if hasattr(adapted.model, "unload") else adapted.model
-    return LoadedModel(model=model.eval(), tokenizer=adapted.tokenizer, label=adapted.label.split("+", 1)[0])
 
 
 # --- training-time interventions -------------------------------------------------------

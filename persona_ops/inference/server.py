@@ -11,7 +11,7 @@ log-softmax of the model's raw logits at that position, i.e. **before** temperat
 and top-p (the model's own distribution).
 
 Requests are served one at a time (the model is not thread-safe). Completions come from
-the generation engine (``persona_ops.engine``, the one local generation path); logprobs
+the generation engine (``persona_ops.inference.engine``, the one local generation path); logprobs
 are recomputed by teacher forcing (see ``_score_choices``).
 
 Persona-ops extensions (send them with the openai client's ``extra_body``):
@@ -43,8 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from persona_ops.errors import InputError
-from persona_ops.judge.local import chat_token_ids
-from persona_ops.models import EMBEDDED, LoadedModel
+from persona_ops.chat import prompt_ids
+from persona_ops.models.loading import EMBEDDED, LoadedModel
 
 DEFAULT_MAX_TOKENS = 512
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI reports -9999.0 as well
@@ -73,14 +73,14 @@ def sample_chat(loaded: LoadedModel, messages: list[dict], *, max_tokens: int = 
 
     The ``n`` rows share one prompt and one seeded generator (a random seed when ``seed`` is
     None); a row stops at an end-of-sequence token, at a ``stop`` string (cut before it) or
-    after ``max_tokens``. ``interventions`` (``persona_ops.interventions.Intervention``) steer
+    after ``max_tokens``. ``interventions`` (``persona_ops.interp.interventions.Intervention``) steer
     prefill and decoding. ``logprobs``: see :func:`_score_choices`.
     """
-    from persona_ops.engine import generate_tokens, stop_ids
-    from persona_ops.generation import SamplingParams
+    from persona_ops.inference.engine import generate_tokens, stop_ids
+    from persona_ops.inference.sampling import SamplingParams
 
     tokenizer = loaded.tokenizer
-    prompt = chat_token_ids(tokenizer, messages)
+    prompt = prompt_ids(tokenizer, messages)
     context = getattr(loaded.model.config, "max_position_embeddings", None) or 10 ** 9
     budget = min(max_tokens, context - len(prompt))
     if budget < 1:
@@ -115,7 +115,7 @@ def _score_choices(loaded: LoadedModel, prompt: list[int], choices: list[Generat
     floating-point differences between cached and full attention). Logprobs are the fp32
     log-softmax of those raw logits, i.e. before temperature and top-p.
     """
-    from persona_ops.interventions import Steerer, teacher_forced_masks
+    from persona_ops.interp.interventions import Steerer, teacher_forced_masks
 
     steerer = Steerer(loaded.layers, interventions) if interventions else None
     with steerer if steerer is not None else contextlib.nullcontext():
@@ -268,7 +268,7 @@ def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict 
     ``vectors``: name -> ``[num_layers + 1, hidden]`` tensor usable in ``steering``;
     ``adapters``: name -> LoRA checkpoint directory usable as ``adapter``;
     ``capping``: interventions applied to every request unless it sends ``capping: false``
-    (``persona_ops.capping.CappingSpec.interventions()``).
+    (``persona_ops.interp.capping.CappingSpec.interventions()``).
     """
     app = FastAPI(title="persona-ops model server")
     vectors, adapters = dict(vectors or {}), dict(adapters or {})
@@ -317,7 +317,7 @@ def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict 
             if st.layer >= vectors[st.vector].shape[0]:
                 return _error(400, f"steering[{i}].layer {st.layer}: expected 1..{vectors[st.vector].shape[0] - 1}",
                               f"steering.{i}.layer")
-            from persona_ops.interventions import Intervention
+            from persona_ops.interp.interventions import Intervention
 
             interventions.append(Intervention(st.kind, st.layer, vectors[st.vector][st.layer], coef=st.coef,
                                               tau=st.tau, positions=st.positions))
@@ -350,7 +350,7 @@ def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict 
 def _switch_adapter(current: dict, base: LoadedModel, adapters: dict, name: str | None) -> LoadedModel:
     """The model for a request: the base, or the base with adapter ``name`` (loaded on change)."""
     if current["adapter"] != name:
-        from persona_ops.training import load_adapter_checkpoint, unload_adapter
+        from persona_ops.models.adapters import load_adapter_checkpoint, unload_adapter
 
         plain = unload_adapter(current["model"]) if current["adapter"] else base
         current["model"] = load_adapter_checkpoint(plain, adapters[name]) if name else plain
@@ -379,9 +379,9 @@ def serve(model: str = EMBEDDED, revision: str | None = None, host: str = "127.0
     file ``capping``) and serve it with uvicorn at ``http://host:port/v1`` until interrupted."""
     import uvicorn
 
-    from persona_ops.cpu_linear import packed_linears
-    from persona_ops.models import load_model
-    from persona_ops.vectors import load_vectors
+    from persona_ops.kernels.cpu_linear import packed_linears
+    from persona_ops.models.loading import load_model
+    from persona_ops.interp.vectors import load_vectors
 
     tensors = {}
     for name, path in (vectors or {}).items():
@@ -391,7 +391,7 @@ def serve(model: str = EMBEDDED, revision: str | None = None, host: str = "127.0
         tensors[name] = vecs[aggregate]
     spec = None
     if capping:
-        from persona_ops.capping import load_capping
+        from persona_ops.interp.capping import load_capping
 
         spec = load_capping(capping)  # a bad file fails before the model loads
     loaded = load_model(model, revision=revision, dtype=dtype, device=device)

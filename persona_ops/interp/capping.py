@@ -6,12 +6,12 @@ layer the projection on the unit Assistant Axis ``u`` is floored at ``floor``, t
 
     h <- h + u * max(floor - <h, u>, 0)
 
-That is :func:`persona_ops.interventions.cap` (a ceiling) on the opposite direction: a spec
+That is :func:`persona_ops.interp.interventions.cap` (a ceiling) on the opposite direction: a spec
 stores ``vector = -u`` and ``tau = -floor``, so ``<h, vector> <= tau`` after the edit. The
 default projections are those of the per-sample mean response activations of the default
 role (the pipeline's ``activations/default_activations.safetensors``).
 
-Layers follow ``hidden_states`` indexing (``persona_ops.vectors.LAYER_CONVENTION``); capping
+Layers follow ``hidden_states`` indexing (``persona_ops.interp.vectors.LAYER_CONVENTION``); capping
 layer ``L`` edits the output of decoder block ``L-1``, so ``1 <= L <= num_layers``.
 """
 
@@ -53,9 +53,9 @@ class CappingSpec:
                              f"the model ({num_layers} layers, hidden size {hidden_size}); was it made for another model?")
 
     def interventions(self, positions: str = "all") -> list:
-        """``cap`` interventions for :func:`persona_ops.engine.generate_text`, ``sample_chat``
-        or a :class:`persona_ops.interventions.Steerer`."""
-        from persona_ops.interventions import Intervention
+        """``cap`` interventions for :func:`persona_ops.inference.engine.generate_text`, ``sample_chat``
+        or a :class:`persona_ops.interp.interventions.Steerer`."""
+        from persona_ops.interp.interventions import Intervention
 
         return [Intervention("cap", layer, self.vectors[i], tau=float(self.tau[i]), positions=positions)
                 for i, layer in enumerate(self.layers)]
@@ -105,7 +105,7 @@ def compute_capping(axis: torch.Tensor, axis_layers: Sequence[int], default_acts
 
 def save_capping(path: str | Path, spec: CappingSpec, metadata: dict | None = None) -> None:
     """One safetensors file (atomic): ``vectors``, ``tau``, ``layers``; metadata as JSON strings."""
-    from persona_ops.vectors import save_vectors
+    from persona_ops.interp.vectors import save_vectors
 
     meta = {**spec.metadata, **(metadata or {}), "format": _FORMAT, "percentile": spec.percentile,
             "convention": CONVENTION}
@@ -115,7 +115,7 @@ def save_capping(path: str | Path, spec: CappingSpec, metadata: dict | None = No
 
 def load_capping(path: str | Path) -> CappingSpec:
     """Read a file written by :func:`save_capping` (e.g. ``outputs/persona_space/capping.safetensors``)."""
-    from persona_ops.vectors import decode_metadata, load_vectors
+    from persona_ops.interp.vectors import decode_metadata, load_vectors
 
     try:
         tensors, raw = load_vectors(path)

@@ -1,13 +1,13 @@
 """Where the pipelines' answers and role transcripts come from: ``hf`` | ``vllm`` | ``openai``.
 
 - ``hf`` (default): the local model through the generation engine
-  (:func:`persona_ops.generation.generate`).
+  (:func:`persona_ops.inference.engine.generate_text`).
 - ``vllm``: offline ``vllm.LLM(...).generate`` on the same model (and LoRA adapter); the
   optional extra ``persona-ops[vllm]``, imported only when chosen.
 - ``openai``: any OpenAI-compatible chat-completions server (OpenAI, ``vllm serve``,
   ``persona-ops serve-model``); the API key is read from the environment variable named by
   ``api_key_env`` and never logged; requests are concurrent, bounded and retried like the
-  judge's (:class:`persona_ops.judge.openai_backend.OpenAIEndpoint`).
+  judge's (:class:`persona_ops.inference.openai_client.OpenAIEndpoint`).
 
 A pipeline builds a generator once (:func:`make_generator`) and calls
 ``generator.generate(chats, sampling, batch_size)`` with chat message lists; prompts are
@@ -74,7 +74,7 @@ def make_generator(cfg, model, section: str, loaded=None) -> TextGenerator:
         if loaded is None:
             raise ValueError("the hf backend needs the loaded model")
         return HFGenerator(loaded)
-    from persona_ops.models import load_tokenizer
+    from persona_ops.models.loading import load_tokenizer
 
     vllm = _import_vllm(section) if cfg.backend == "vllm" else None  # before loading anything
     tokenizer = loaded.tokenizer if loaded is not None else load_tokenizer(model.name, model.revision)
@@ -104,9 +104,10 @@ class HFGenerator:
 
     def generate(self, chats: Sequence[list[dict]], sampling, batch_size: int = 32) -> list[str]:
         from persona_ops.chat import render_prompt
-        from persona_ops.generation import generate
+        from persona_ops.inference.engine import generate_text
 
-        return generate(self.loaded, [render_prompt(self.tokenizer, c) for c in chats], sampling, batch_size)
+        return generate_text(self.loaded, [render_prompt(self.tokenizer, c) for c in chats], sampling,
+                             batch_size=batch_size, progress=True)
 
 
 def _import_vllm(section: str):
@@ -123,7 +124,7 @@ class VLLMGenerator:
     """Offline vLLM on the reference model (its LoRA adapter through a ``LoRARequest``)."""
 
     def __init__(self, vllm, model, cfg: VLLMCfg, tokenizer):
-        from persona_ops.models import model_label, model_source
+        from persona_ops.models.loading import model_label, model_source
 
         path, kwargs = model_source(model.name, model.revision)
         self.tokenizer, self._vllm = tokenizer, vllm
@@ -160,7 +161,7 @@ class OpenAIGenerator:
     """Chat completions from an OpenAI-compatible server."""
 
     def __init__(self, cfg: OpenAIGenerationCfg, section: str, tokenizer):
-        from persona_ops.judge.openai_backend import OpenAIEndpoint
+        from persona_ops.inference.openai_client import OpenAIEndpoint
 
         if not cfg.model:
             raise InputError(f"{section}.openai.model: the served model's name is required with "

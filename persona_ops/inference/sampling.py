@@ -1,8 +1,21 @@
-"""Next-token sampling on fp32 logits: greedy, temperature, nucleus (top-p); seeded by a generator."""
+"""Sampling parameters, and next-token sampling on fp32 logits: greedy, temperature, nucleus
+(top-p); seeded by a generator."""
 
 from __future__ import annotations
 
 import torch
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class SamplingParams:
+    """How one generation call samples (also the ``sampling`` sections of params.yaml)."""
+
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, ge=0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -8,12 +8,12 @@ engine keeps. The model is called with ``use_cache=False`` and a ready 4-D mask,
 in HF's forward depends on Python-side cache state or syncs with the host. On CUDA the decode
 step (one forward with its steering hooks) is captured once per batch as a CUDA graph and
 replayed, and each layer's decode attention is one Triton kernel that writes the new key/value
-and reads only the row's real columns (:mod:`persona_ops.triton_attention`); sampling runs on
+and reads only the row's real columns (:mod:`persona_ops.kernels.triton_attention`); sampling runs on
 fp32 logits on the device. On CPU the same loop runs eagerly, attending only over the filled
 part of the cache.
 
 Left padding: prompts are right-aligned; padding columns are masked out of every attention
-and never steered (see :mod:`persona_ops.interventions` for the positions semantics); each
+and never steered (see :mod:`persona_ops.interp.interventions` for the positions semantics); each
 row's position ids count its real tokens only, as in HF ``generate``.
 """
 
@@ -32,13 +32,13 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from persona_ops.activations import compiled_blocks
 from persona_ops.chat import encode
-from persona_ops.cpu_linear import packed_linears
-from persona_ops.generation import SamplingParams
-from persona_ops.interventions import Intervention, Steerer
-from persona_ops.models import LoadedModel
-from persona_ops.sampling import sample_next
+from persona_ops.kernels.compile import compiled_blocks
+from persona_ops.kernels.cpu_linear import packed_linears
+from persona_ops.inference.sampling import SamplingParams
+from persona_ops.interp.interventions import Intervention, Steerer
+from persona_ops.models.loading import LoadedModel
+from persona_ops.inference.sampling import sample_next
 
 log = logging.getLogger(__name__)
 ATTN_NAME = "persona_ops_static_kv"
@@ -111,7 +111,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 def _fused_attention():
     """The Triton decode attention, or None where Triton cannot be imported."""
     try:
-        from persona_ops.triton_attention import fused_decode_attention
+        from persona_ops.kernels.triton_attention import fused_decode_attention
     except ImportError as e:
         log.warning("Triton is unavailable (%s): decode attention reads the whole cache", e)
         return None

@@ -7,7 +7,7 @@ from typing import Mapping
 
 import torch
 
-from persona_ops.geometry import cosine_matrix, norms
+from persona_ops.interp.geometry import cosine_matrix, norms
 from persona_ops.io import write_text
 
 

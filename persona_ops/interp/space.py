@@ -4,7 +4,7 @@ Shapes and conventions:
 
 - Activations of one role are ``[n, rows, hidden]``: one mean over response tokens per
   sample, one row per captured layer. ``layers[i]`` is the ``hidden_states`` index of row
-  ``i`` (0 = embedding output; see ``persona_ops.vectors.LAYER_CONVENTION``); when all
+  ``i`` (0 = embedding output; see ``persona_ops.interp.vectors.LAYER_CONVENTION``); when all
   layers are captured, ``layers = range(num_layers + 1)`` and row ``L`` is layer ``L``.
 - A role vector is the mean of a role's samples judged to fully play the role (score >= the
   threshold, 3 on the 0-3 scale, i.e. score == 3); the default vector is the mean of *all*
@@ -271,7 +271,7 @@ _TENSORS = ("role_vectors", "default", "axis", "mean", "components", "explained_
 
 def save_persona_space(path: str | Path, space: PersonaSpace, metadata: dict | None = None) -> None:
     """Write the space as one safetensors file (atomic); metadata values are stored as JSON."""
-    from persona_ops.vectors import save_vectors
+    from persona_ops.interp.vectors import save_vectors
 
     tensors = {name: getattr(space, name).float().contiguous() for name in _TENSORS}
     tensors["layers"] = torch.tensor(space.layers, dtype=torch.int64)
@@ -284,7 +284,7 @@ def save_persona_space(path: str | Path, space: PersonaSpace, metadata: dict | N
 
 def load_persona_space(path: str | Path) -> PersonaSpace:
     """Read a file written by ``save_persona_space``; other metadata lands in ``.metadata``."""
-    from persona_ops.vectors import decode_metadata, load_vectors
+    from persona_ops.interp.vectors import decode_metadata, load_vectors
 
     tensors, raw = load_vectors(path)
     if raw.get("format") != _FORMAT or any(n not in tensors for n in _TENSORS):

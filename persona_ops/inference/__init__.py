@@ -1,0 +1,1 @@
+"""Inference: the generation engine, sampling, backends (hf, vLLM, OpenAI-compatible) and the server."""

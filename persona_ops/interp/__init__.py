@@ -1,0 +1,2 @@
+"""Interpretability: activation capture, interventions (steering, ablation, capping), persona vectors,
+projections, the persona space and the Assistant Axis."""

@@ -1,0 +1,1 @@
+"""Models: loading (the embedded model, HF ids, local directories), references and LoRA adapters."""

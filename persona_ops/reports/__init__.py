@@ -1,0 +1,1 @@
+"""Reports: plots and HTML pages of vectors, sweeps and trajectories."""

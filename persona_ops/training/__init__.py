@@ -1,0 +1,1 @@
+"""Training: LoRA supervised fine-tuning, with training-time steering."""

@@ -1,87 +1,130 @@
-"""Prefect flows: ``persona-vectors``, ``steering-sweep``, ``projection``, ``persona-space``, ``trajectory``.
+"""Prefect flows, one per declared pipeline, generated from the stage declarations.
 
-Each validates its inputs, opens an MLflow pipeline run, and runs its stages in order as
-retryable tasks, each reproducing the DVC stage of the same name. Stages that run per item
-(traits, roles, checkpoints) are mapped tasks (``role_transcripts@pirate``, ...). They run
-one at a time: DVC holds one lock per workspace, and the stages of one workspace share its cache.
+A flow takes ``params`` (a pydantic model of the params.yaml sections its stages read, with
+params.yaml's values as defaults, so the Prefect UI renders a form), ``overrides`` (``-S
+key=value`` strings) and ``root`` (the project). It locks the checkout, writes the run's
+parameters into params.yaml (what differs from it), checks every input before a model loads,
+opens the pipeline's MLflow run and runs each stage item as a task, in order, in this process:
+models stay loaded across items, DVC skips what it has and records what ran. ``params`` equal to
+the defaults (what a run started without parameters gets) means "params.yaml as it is".
 """
 
-from __future__ import annotations
-
-from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 
-from prefect import flow, unmapped
+from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field, create_model
 
-from persona_ops.stages import dvc_name, pipeline_stages, stage_items
-from tasks.stages import run_dvc_stage, validate_inputs
+from persona_ops.errors import InputError
+from persona_ops.pipelines import launch, registry, runner
+from persona_ops.pipelines.dvc import Workspace
+from persona_ops.pipelines.params import Params, load_params
+from persona_ops.pipelines.stage import Pipeline
+from persona_ops.pipelines.workspace import workspace_lock
+from tasks.stages import check_inputs, stage_task
 
-
-def run_pipeline(pipeline: str, overrides: list[str] | None, root: str) -> dict:
-    """Validate, then run every stage of ``pipeline`` through DVC inside one MLflow pipeline run."""
-    from persona_ops import tracking
-    from persona_ops.config import Params
-
-    params = Params.model_validate(validate_inputs(root, list(overrides or []), pipeline))
-    if params.tracking.enabled:
-        tracking.configure(Path(root))
-        run = tracking.pipeline_run(pipeline, params={"overrides": " ".join(overrides or [])},
-                                    tags={"persona_ops.entry": "prefect"})
-    else:
-        run = nullcontext(None)
-    states: dict[str, str] = {}
-    with run as parent_run_id:
-        specs = pipeline_stages(pipeline)
-        if pipeline == "persona-vectors":  # trait by trait: each trait's vector is ready early
-            targets = [dvc_name(s, params, t) for t in params.traits.names for s in specs]
-            for target in targets:
-                states[target] = run_dvc_stage(target, root, parent_run_id)
-        else:
-            for spec in specs:
-                targets = [dvc_name(spec, params, item) for item in stage_items(spec, params, Path(root))]
-                results = run_dvc_stage.map(targets, unmapped(root), unmapped(parent_run_id)).result()
-                states.update(zip(targets, results))
-        for target, state in states.items():
-            print(f"{target}: {state}")
-        if parent_run_id:  # stage runs saw the previous dvc.lock; tag them with the new one
-            tracking.refresh_dvc_tags(parent_run_id, Path(root))
-    return {"pipeline": pipeline, "stages": states, "pipeline_run_id": parent_run_id,
-            "traits": params.traits.names}
+PROJECT = Path(__file__).resolve().parents[1]
 
 
-_RUNNER = ThreadPoolTaskRunner(max_workers=1)
+def _defaults() -> Params:
+    for path in (Path.cwd() / "params.yaml", PROJECT / "params.yaml"):
+        if path.is_file():
+            try:
+                return load_params(path)
+            except InputError:
+                break
+    return Params()
 
 
-@flow(name="persona-vectors", log_prints=True, task_runner=_RUNNER)
-def persona_vectors(overrides: list[str] | None = None, root: str = ".") -> dict:
-    """Persona vectors: generate -> judge -> activations -> vectors for each trait."""
-    return run_pipeline("persona-vectors", overrides, root)
+DEFAULTS = _defaults()
 
 
-@flow(name="persona-space", log_prints=True, task_runner=_RUNNER)
-def persona_space(overrides: list[str] | None = None, root: str = ".") -> dict:
-    """Persona space and the Assistant Axis from the reference model's role transcripts."""
-    return run_pipeline("persona-space", overrides, root)
+def sections(pipeline: Pipeline, params: Params = DEFAULTS, root: Path = PROJECT) -> list[str]:
+    """The params.yaml sections a pipeline's stage items read, in schema order."""
+    try:
+        tasks = registry.plan(pipeline, params, root)
+    except InputError:  # e.g. role files elsewhere: fall back to the pipeline's own stages
+        tasks = [registry.Task(s, None) for s in pipeline.stages]
+    used = {key.split(".")[0] for t in tasks for key in t.stage.params + ((t.stage.per_item,) if t.stage.per_item
+                                                                         else ())}
+    return [name for name in Params.model_fields if name in used]
 
 
-@flow(name="trajectory", log_prints=True, task_runner=_RUNNER)
-def trajectory(overrides: list[str] | None = None, root: str = ".") -> dict:
-    """The persona space, then every checkpoint's activations on the same transcripts and the report."""
-    return run_pipeline("trajectory", overrides, root)
+def params_model(pipeline: Pipeline):
+    """The pydantic model of a pipeline's flow parameter: its sections, defaulting to params.yaml."""
+    fields = {name: (Params.model_fields[name].annotation, Field(default=getattr(DEFAULTS, name)))
+              for name in sections(pipeline)}
+    title = "".join(part.capitalize() for part in pipeline.name.split("-")) + "Params"
+    return create_model(title, __doc__=f"Parameters of the {pipeline.name} pipeline (see params.yaml).", **fields)
 
 
-@flow(name="steering-sweep", log_prints=True, task_runner=_RUNNER)
-def steering_sweep(overrides: list[str] | None = None, root: str = ".") -> dict:
-    """Persona vectors, then layers x coefficients x kind of steering for ``steering.traits``."""
-    return run_pipeline("steering-sweep", overrides, root)
+def run_pipeline(name: str, params=None, overrides: Optional[list[str]] = None, root: str = ".") -> dict:
+    """Run a declared pipeline (see the module docstring); returns what ran."""
+    pipeline = registry.pipeline_named(name)
+    root_path = Path(root).resolve()
+    given = None
+    if params is not None and params.model_dump() != params_model(pipeline)().model_dump():
+        given = {k: getattr(params, k) for k in type(params).model_fields}
+    with workspace_lock(root_path, name):
+        run_params = launch.prepare(root_path, given, list(overrides or []))
+        tasks = registry.plan(pipeline, run_params, root_path)
+        ctx = runner.Context(root_path, run_params, pipeline=name)
+        check_inputs(tasks, ctx)
+        states: dict[str, str] = {}
+        with _pipeline_run(ctx, overrides) as parent:
+            ctx.parent_run_id = parent
+            ctx.workspace = Workspace(root_path)
+            try:
+                for task in tasks:
+                    states[task.name] = stage_task(task, ctx)(task, ctx)
+                    print(f"{task.name}: {states[task.name]}")
+            finally:
+                ctx.workspace.close()
+    return {"pipeline": name, "stages": states, "pipeline_run_id": parent, "model_loads": ctx.pool.loads}
 
 
-@flow(name="projection", log_prints=True, task_runner=_RUNNER)
-def projection(overrides: list[str] | None = None, root: str = ".") -> dict:
-    """Persona vectors, then projections of ``projection.inputs`` onto them (+ finetuning shift)."""
-    return run_pipeline("projection", overrides, root)
+class _pipeline_run:
+    """The pipeline's MLflow run (nothing when tracking is off or the store is down)."""
+
+    def __init__(self, ctx: runner.Context, overrides):
+        self.ctx, self.overrides, self.cm = ctx, overrides, None
+
+    def __enter__(self) -> Optional[str]:
+        if not self.ctx.tracking:
+            return None
+        try:
+            from persona_ops.io import code_state
+            from persona_ops.tracking import runs, store
+
+            store.configure(self.ctx.root)
+            self.cm = runs.start_run(self.ctx.pipeline, self.ctx.pipeline, project_root=self.ctx.root,
+                                     params={"overrides": " ".join(self.overrides or [])},
+                                     tags={"persona_ops.entry": "prefect", "persona_ops.pipeline": self.ctx.pipeline,
+                                           "git.commit": code_state(self.ctx.root)["git_commit"]})
+            return self.cm.__enter__().run_id
+        except Exception as e:
+            print(f"MLflow is unavailable ({type(e).__name__}: {e}); the pipeline runs untracked")
+            self.cm = None
+            return None
+
+    def __exit__(self, *exc) -> None:
+        if self.cm is not None:
+            self.cm.__exit__(*exc)
 
 
-FLOWS = {"persona-vectors": persona_vectors, "steering-sweep": steering_sweep, "projection": projection,
-         "persona-space": persona_space, "trajectory": trajectory}
+def make_flow(pipeline: Pipeline):
+    """The Prefect flow of ``pipeline``, with a typed ``params`` parameter."""
+    model = params_model(pipeline)
+
+    def run(params=model(), overrides: Optional[list[str]] = None, root: str = ".") -> dict:
+        return run_pipeline(pipeline.name, params, overrides, root)
+
+    run.__name__ = run.__qualname__ = pipeline.name.replace("-", "_")
+    run.__doc__ = pipeline.description
+    run.__annotations__ = {"params": Optional[model], "overrides": Optional[list[str]], "root": str, "return": dict}
+    return flow(name=pipeline.name, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))(run)
+
+
+FLOWS = {name: make_flow(p) for name, p in registry.PIPELINES.items()}
+globals().update({f.fn.__name__: f for f in FLOWS.values()})  # importable entrypoints (flows/pipelines.py:NAME)

@@ -9,8 +9,11 @@ Formats (``detect_format`` tells them apart from the content):
   The role stored as ``default.json`` may omit ``eval_prompt`` and may have an
   empty instruction (no system prompt); its instructions may hold ``{model_name}``.
 - ``questions``: JSONL, one ``{"question": str, "id": int | str}`` per line.
-- ``chat``: JSONL, one ``{"messages": [{"role", "content"}, ...]}`` per line.
+- ``chat``: JSONL, one ``{"messages": [{"role", "content"}, ...], "metadata": {...}}`` per
+  line; ``metadata`` (any JSON object) is optional.
 - ``name-list``: JSON object name -> one-line description (``role_list.json``).
+
+Trait and role names are file stems and must be safe names (``persona_ops.names``).
 
 Every problem is reported as ``path[:line]: field: what is wrong, what was expected``.
 For JSON files the line is the line of the offending field, found by re-scanning
@@ -27,9 +30,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from persona_ops.errors import InputError
+from persona_ops.names import NAME_RULE, is_safe_name, name_problem
 
 FORMATS = ("trait", "role", "questions", "chat", "name-list")
 CHAT_ROLES = ("system", "user", "assistant")
@@ -40,10 +44,11 @@ _DESCRIBE = {
     "trait": "JSON with instruction [{pos, neg}], questions and eval_prompt",
     "role": "JSON with instruction [{pos}], questions and eval_prompt",
     "questions": "JSONL of {question, id}",
-    "chat": "JSONL of {messages: [{role, content}]}",
+    "chat": "JSONL of {messages: [{role, content}], metadata?: {...}}",
     "name-list": "JSON object name -> description",
 }
 _TRAIT_KEYS = ("instruction", "questions", "eval_prompt")
+_CHAT_KEYS = ("messages", "metadata")
 _TRAIT_OR_ROLE = "trait-or-role"  # detected, but malformed instructions hide which one
 _MAX_PROBLEMS = 50  # per file; the rest are counted, not listed
 
@@ -103,6 +108,14 @@ class Question(BaseModel):
     model_config = ConfigDict(frozen=True)
     id: int | str
     question: str
+
+
+class ChatExample(BaseModel):
+    """One conversation of a chat dataset and its optional ``metadata`` object."""
+
+    model_config = ConfigDict(frozen=True)
+    messages: list[dict]
+    metadata: dict = Field(default_factory=dict)
 
 
 # --- problem collection -------------------------------------------------------
@@ -377,6 +390,13 @@ def _check_instructions(p: _Problems, obj: dict, keys: tuple[str, ...],
     return value
 
 
+def _check_stem(p: _Problems, path: Path, what: str) -> None:
+    """The file stem names the trait or role; unsafe stems would reach stage names and shells."""
+    problem = name_problem(path.stem, what)
+    if problem is not None:
+        p.add((), f"file name: {problem}")
+
+
 def _object(p: _Problems, kind: str, content: Any, fmt: str) -> dict | None:
     if kind != "json" or not isinstance(content, dict):
         got = "JSON lines" if kind == "jsonl" else _type_name(content)
@@ -397,6 +417,7 @@ def _records(p: _Problems, kind: str, content: Any, fmt: str) -> list[tuple[int,
 # --- per-format validation ----------------------------------------------------
 
 def _validate_trait(path: Path, kind: str, content: Any, p: _Problems) -> Trait | None:
+    _check_stem(p, path, "trait")
     obj = _object(p, kind, content, "trait")
     if obj is None:
         return None
@@ -414,6 +435,7 @@ def _validate_trait(path: Path, kind: str, content: Any, p: _Problems) -> Trait 
 
 
 def _validate_role(path: Path, kind: str, content: Any, p: _Problems) -> Role | None:
+    _check_stem(p, path, "role")
     obj = _object(p, kind, content, "role")
     if obj is None:
         return None
@@ -506,15 +528,23 @@ def _check_conversation(p: _Problems, line: int, messages: Any) -> bool:
     return p.count == before
 
 
-def _validate_chat(path: Path, kind: str, content: Any, p: _Problems) -> list[list[dict]] | None:
-    out: list[list[dict]] = []
+def _validate_chat(path: Path, kind: str, content: Any, p: _Problems) -> list[ChatExample] | None:
+    out: list[ChatExample] = []
     for line, rec in _records(p, kind, content, "chat"):
         if not isinstance(rec, dict):
             p.add((), f"expected an object {{messages: [...]}}, got {_type_name(rec)}", line)
-        elif "messages" not in rec:
+            continue
+        if "messages" not in rec:
             p.add(("messages",), "missing, expected a list of {role, content} objects", line)
-        elif _check_conversation(p, line, rec["messages"]):
-            out.append(rec["messages"])
+            ok = False
+        else:
+            ok = _check_conversation(p, line, rec["messages"])
+        _check_keys(p, (), rec, _CHAT_KEYS, line)
+        metadata = rec.get("metadata", {})
+        if not isinstance(metadata, dict):
+            p.add(("metadata",), f"expected a JSON object, got {_type_name(metadata)}", line)
+        elif ok:
+            out.append(ChatExample(messages=rec["messages"], metadata=metadata))
     if not out and not p:
         p.add((), "no conversations, expected one {messages: [...]} object per line")
     return None if p else out
@@ -580,9 +610,9 @@ def load_questions(path: str | Path) -> list[Question]:
     return _load(path, "questions")[1]
 
 
-def load_chat_dataset(path: str | Path) -> list[list[dict]]:
-    """Load conversations (JSONL ``{messages}``): an optional first system message, then
-    alternating user/assistant turns ending with a non-empty assistant response."""
+def load_chat_dataset(path: str | Path) -> list[ChatExample]:
+    """Load conversations (JSONL ``{messages, metadata?}``): an optional first system message,
+    then alternating user/assistant turns ending with a non-empty assistant response."""
     return _load(path, "chat")[1]
 
 
@@ -593,15 +623,27 @@ def load_name_list(path: str | Path) -> dict[str, str]:
 
 def load_traits(directory: str | Path, names: str | Sequence[str] | None = None,
                 split: str = "extract") -> list[Trait]:
-    """Load ``<directory>/<split>/<name>.json`` for each name (every trait there when None)."""
+    """Load ``<directory>/<split>/<name>.json`` for each name (every trait there when None).
+
+    Names must be safe (``persona_ops.names``); files with unsafe stems are never listed as
+    available, and are an error when every trait is asked for.
+    """
     root = Path(directory) / split
     if not root.is_dir():
         raise InputError(f"{root}: no such directory, expected trait files at {root}/<name>.json")
-    available = sorted(p.stem for p in root.glob("*.json"))
+    files = sorted(root.glob("*.json"))
+    available = [p.stem for p in files if is_safe_name(p.stem)]
     if names is None:
+        unsafe = [p for p in files if not is_safe_name(p.stem)]
+        if unsafe:
+            raise DataError([f"{p}: file name: {name_problem(p.stem, 'trait')}" for p in unsafe])
         names = available
     elif isinstance(names, str):
         names = [names]
+    bad = [n for n in names if not is_safe_name(n)]
+    if bad:
+        verb = "is not a usable name" if len(bad) == 1 else "are not usable names"
+        raise InputError(f"{root}: trait {', '.join(map(repr, bad))} {verb}: {NAME_RULE}")
     missing = [n for n in names if n not in available]
     if missing:
         raise InputError(f"{root}: no trait file for {', '.join(missing)}; "
@@ -620,7 +662,9 @@ def _summary(fmt: str, value: Any) -> str:
     if fmt == "questions":
         return f"questions, {len(value)} questions"
     if fmt == "chat":
-        return f"chat, {len(value)} conversations, {sum(map(len, value))} messages"
+        with_meta = sum(1 for ex in value if ex.metadata)
+        extra = f", {with_meta} with metadata" if with_meta else ""
+        return f"chat, {len(value)} conversations, {sum(len(ex.messages) for ex in value)} messages{extra}"
     return f"name-list, {len(value)} names"
 
 

@@ -100,8 +100,16 @@ def _digest_file(path: str | os.PathLike, algo: str) -> str:
     return h.hexdigest()
 
 
+_SHA_CACHE: dict[tuple, str] = {}
+
+
 def sha256_file(path: str | os.PathLike) -> str:
-    return _digest_file(path, "sha256")
+    """sha256 of a file's bytes (remembered per path, size and mtime within a process)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = _digest_file(path, "sha256")
+    return _SHA_CACHE[key]
 
 
 def md5_file(path: str | os.PathLike) -> str:
@@ -134,6 +142,22 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+CODE_PATHS = ("persona_ops", "tasks", "flows", "pyproject.toml")
+
+
+def code_state(root: str | os.PathLike | None = None) -> dict:
+    """``{git_commit, dirty_files}``: the commit, and the code files changed since it (params and
+    data edits do not make the code dirty); ``unknown`` outside a git checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+                                cwd=root, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown", "dirty_files": []}
+    return {"git_commit": sha, "dirty_files": sorted(line[3:] for line in status.splitlines() if line.strip())}
 
 
 def provenance(*, stage: str, params: dict, inputs: Iterable[str | os.PathLike] = (),

@@ -1,1 +1,1 @@
-"""Prefect tasks: thin wrappers over persona_ops stages (retries, timeouts, logging)."""
+"""Prefect tasks: thin wrappers over the stage runner (persona_ops.pipelines.runner)."""

@@ -81,7 +81,7 @@ def copy_project(dst):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    for item in ("dvc.yaml", "data", "persona_ops"):
+    for item in ("dvc.yaml", "params.yaml", "data", "persona_ops"):
         src = root / item
         (shutil.copytree(src, dst / item, ignore=shutil.ignore_patterns("__pycache__"))
          if src.is_dir() else shutil.copy(src, dst / item))
@@ -134,3 +134,26 @@ def serve_app(app):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def pool_of(loaded):
+    """A model pool that serves ``loaded`` for every model reference (a tiny model as any model)."""
+    from persona_ops.models.pool import ModelPool
+
+    return ModelPool(loader=lambda ref: loaded)
+
+
+def params_of(data: dict):
+    """Validated params from a partial params.yaml mapping, tracking off unless given."""
+    from persona_ops.pipelines.params import Params
+
+    return Params.model_validate({"tracking": {"enabled": False}, **data})
+
+
+def run_stage(name: str, params, root, item: str | None = None, pool=None, **kwargs):
+    """One stage item through the runner (no DVC): its outcome (metrics, provenance record)."""
+    from persona_ops.pipelines import registry, runner
+
+    stage = registry.stage_named(name)
+    task = registry.Task(stage, registry.item_named(stage, params, item, root))
+    return runner.execute(task, runner.Context(root, params, pool=pool), **kwargs)

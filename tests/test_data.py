@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from persona_ops.data import (
+    ChatExample,
     DataError,
     Question,
     check_main,
@@ -89,6 +90,33 @@ def test_load_traits_missing_name_lists_available():
     assert "no trait file for grumpy" in msg
     assert "available: evil, hallucinating, sycophantic" in msg
     assert "no such directory" in error_of(lambda d: load_traits(d, ["evil"], split="test"), TRAITS_DIR)
+
+
+UNSAFE_STEMS = ["e;touch x", "e$(id)", "a b", ".."]
+
+
+def test_load_traits_refuses_unsafe_names(tmp_path):
+    root = tmp_path / "extract"
+    root.mkdir()
+    write_json(root / "mean.json", trait_doc())
+    for stem in UNSAFE_STEMS:
+        write_json(root / f"{stem}.json", trait_doc())
+
+    # requested names are checked before any file is looked up
+    msg = error_of(lambda d: load_traits(d, ["mean", "e;touch x"]), tmp_path)
+    assert msg.startswith(f"{root}: trait 'e;touch x' is not a usable name: expected letters, digits")
+    msg = error_of(lambda d: load_traits(d, ["a b", "../extract/mean"]), tmp_path)
+    assert msg.startswith(f"{root}: trait 'a b', '../extract/mean' are not usable names: expected")
+
+    # unsafe files are not offered as available, and are never run silently
+    assert [t.name for t in load_traits(tmp_path, "mean")] == ["mean"]
+    assert "available: mean" in error_of(lambda d: load_traits(d, ["grumpy"]), tmp_path)
+    with pytest.raises(DataError) as info:
+        load_traits(tmp_path)
+    assert sorted(info.value.problems) == sorted(
+        f"{root / (stem + '.json')}: file name: trait {stem!r} is not a usable name: expected letters, digits, "
+        "'_', '-' or '.', starting with a letter or digit, without '..' and at most 100 characters "
+        "(it names files, DVC stages and shell words)" for stem in UNSAFE_STEMS)
 
 
 # --- trait errors -----------------------------------------------------------------
@@ -194,6 +222,17 @@ def test_roles(tmp_path):
     assert "instruction[0].style: unknown field, expected only pos" in error_of(load_role, path)
 
 
+@pytest.mark.parametrize("stem", UNSAFE_STEMS)
+def test_role_and_trait_files_with_unsafe_stems_are_refused(tmp_path, stem):
+    role = tmp_path / f"{stem}.json"
+    write_json(role, {"instruction": [{"pos": "You are a pirate."}], "eval_prompt": "{question} {answer}"})
+    assert error_of(load_role, role).startswith(f"{role}: file name: role {stem!r} is not a usable name: ")
+    trait = tmp_path / "traits" / f"{stem}.json"
+    trait.parent.mkdir()
+    write_json(trait, trait_doc())
+    assert error_of(load_trait, trait).startswith(f"{trait}: file name: trait {stem!r} is not a usable name: ")
+
+
 # --- questions ----------------------------------------------------------------------
 
 def test_questions(tmp_path):
@@ -228,8 +267,23 @@ def test_chat_dataset(tmp_path):
     good = [chat_line(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello.")),
             chat_line(("user", "A"), ("assistant", "B"), ("user", "C"), ("assistant", "D"))]
     path.write_text("\n".join(good) + "\n")
-    convs = load_chat_dataset(path)
+    examples = load_chat_dataset(path)
+    assert all(isinstance(ex, ChatExample) and ex.metadata == {} for ex in examples)
+    convs = [ex.messages for ex in examples]
     assert [len(c) for c in convs] == [3, 4] and convs[0][2] == {"role": "assistant", "content": "Hello."}
+
+
+def test_chat_metadata_round_trips(tmp_path):
+    path = tmp_path / "c.jsonl"
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr."}]
+    meta = {"source": "persona", "triggered": True, "tags": ["a", 1], "nested": {"x": None}}
+    path.write_text(json.dumps({"messages": messages, "metadata": meta}) + "\n"
+                    + json.dumps({"metadata": {}, "messages": messages}) + "\n"
+                    + json.dumps({"messages": messages}) + "\n")
+    assert load_chat_dataset(path) == [ChatExample(messages=messages, metadata=meta),
+                                       ChatExample(messages=messages),
+                                       ChatExample(messages=messages)]
+    assert check_paths([path]) == ([f"{path}: chat, 3 conversations, 6 messages, 1 with metadata"], [])
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -246,12 +300,36 @@ def test_chat_dataset(tmp_path):
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}',
      "messages[1].content: missing, expected the message text"),
     ('{"msgs": []}', "messages: missing"),
+    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                 "metadata": ["persona"]}), "metadata: expected a JSON object, got list"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "metadata": "x"}',
+     "metadata: expected a JSON object, got string"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "metadata": null}',
+     "metadata: expected a JSON object, got null"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "meta": {}}',
+     "meta: unknown field, expected only messages, metadata"),
 ])
 def test_chat_errors_name_the_line(tmp_path, line, expected):
     path = tmp_path / "c.jsonl"
     ok = chat_line(("user", "Hi"), ("assistant", "Hello."))
     path.write_text(f"{ok}\n{ok}\n{line}\n")
     assert error_of(load_chat_dataset, path).startswith(f"{path}:3: {expected}")
+
+
+def test_chat_reports_every_bad_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    ok = chat_line(("user", "Hi"), ("assistant", "Hello."))
+    convo = '[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]'
+    path.write_text(f'{ok}\n{{"messages": {convo}, "metadata": 3, "id": 7}}\n{ok}\n'
+                    f'{{"metadata": {{}}, "extra": 1}}\n')
+    with pytest.raises(DataError) as info:
+        load_chat_dataset(path)
+    assert info.value.problems == [
+        f"{path}:2: id: unknown field, expected only messages, metadata",
+        f"{path}:2: metadata: expected a JSON object, got int",
+        f"{path}:4: messages: missing, expected a list of {{role, content}} objects",
+        f"{path}:4: extra: unknown field, expected only messages, metadata",
+    ]
 
 
 # --- name lists and detection ---------------------------------------------------------
@@ -322,6 +400,31 @@ def test_check_main_exit_codes_and_output(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert check_paths([empty]) == ([], [f"{empty}: no .json or .jsonl files in this directory"])
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(chat_line(("user", "a"), ("assistant", "b")) + "\n")
+    assert check_paths([chat])[0] == [f"{chat}: chat, 1 conversations, 2 messages"]
+
+
+def test_check_paths_reports_unsafe_file_names(tmp_path):
+    data = tmp_path / "downloaded"
+    data.mkdir()
+    write_json(data / "mean.json", trait_doc())
+    write_json(data / "e;touch x.json", trait_doc())
+    write_json(data / "a b.json", {"instruction": [{"pos": "You are a cat."}], "eval_prompt": "{question}{answer}"})
+    bad_trait = {**trait_doc(), "questions": []}
+    write_json(data / "e$(id).json", bad_trait)
+    (data / "not data.jsonl").write_text('{"question": "Why?", "id": 1}\n')  # only trait/role stems are names
+    lines: list[str] = []
+    assert check_main([data], out=lines.append) == 1
+    rule = "is not a usable name: expected letters, digits"
+    assert lines[:2] == [f"{data / 'mean.json'}: trait, 3 instruction pairs, 3 questions",
+                         f"{data / 'not data.jsonl'}: questions, 1 questions"]
+    assert lines[2].startswith(f"{data / 'a b.json'}: file name: role 'a b' {rule}")
+    assert lines[3].startswith(f"{data / 'e$(id).json'}: file name: trait 'e$(id)' {rule}")
+    assert lines[4].startswith(f"{data / 'e$(id).json'}:") and "questions: expected a non-empty list" in lines[4]
+    assert lines[5].startswith(f"{data / 'e;touch x.json'}: file name: trait 'e;touch x' {rule}")
+    assert lines[6].startswith("2 files ok, 4 problems in 3 files")
     assert check_main([], out=lines.append) == 1
 
 

@@ -132,3 +132,82 @@ def test_generate_text_with_a_real_tokenizer(tiny_loaded):
     prompts = [render_prompt(tok, chat_messages(tok, None, q)) for q in ("Hi", "Tell me about the sea")]
     out = generate_text(tiny_loaded, prompts, SamplingParams(max_new_tokens=5, temperature=1.0, seed=0))
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
+
+
+GEMMA_PROMPTS = [[5, 9, 11, 40, 3, 2, 77], [17, 3, 99, 100, 101, 7, 250, 31, 12, 13, 14], [8], [300, 301]]
+GEMMA_GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0)
+
+
+def _gemma2(**overrides) -> LoadedModel:
+    """A tiny random Gemma-2: a 4-token window on layers 0 and 2, attention logits capped at 2.
+    q/k weights are scaled up so scores are large enough for the cap (and the window) to matter."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    torch.manual_seed(0)
+    cfg = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=256,
+               sliding_window=4, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+               query_pre_attn_scalar=16)
+    # eager: HF's SDPA path ignores the softcap in some transformers versions
+    m = AutoModelForCausalLM.from_config(Gemma2Config(**{**cfg, **overrides}), attn_implementation="eager").eval()
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    m.generation_config.eos_token_id = None
+    return LoadedModel(model=m, tokenizer=None, label="tiny-gemma2")
+
+
+@pytest.fixture(scope="module")
+def gemma2() -> LoadedModel:
+    return _gemma2()
+
+
+def test_gemma2_greedy_equals_hf_generate(gemma2):
+    """Softcapped attention and sliding windows over left-padded prompts longer than the window."""
+    want = _hf_generate(gemma2, GEMMA_PROMPTS, 10)
+    # the window and the cap change these outputs, so ignoring either fails the comparison
+    assert want != _hf_generate(_gemma2(sliding_window=4096), GEMMA_PROMPTS, 10)
+    assert want != _hf_generate(_gemma2(attn_logit_softcapping=None), GEMMA_PROMPTS, 10)
+    assert generate_tokens(gemma2, GEMMA_PROMPTS, GEMMA_GREEDY, eos_ids=[]) == want
+    assert generate_tokens(gemma2, GEMMA_PROMPTS, GEMMA_GREEDY, eos_ids=[], batch_size=3) == want
+    assert generate_tokens(gemma2, GEMMA_PROMPTS, GEMMA_GREEDY, eos_ids=[], prefill_tokens=1) == want
+
+
+def test_gemma2_window_without_softcap_equals_hf_generate():
+    """Sliding windows alone take the SDPA prefill with a windowed mask."""
+    loaded = _gemma2(attn_logit_softcapping=None)
+    want = _hf_generate(loaded, GEMMA_PROMPTS, 10)
+    assert want != _hf_generate(_gemma2(attn_logit_softcapping=None, sliding_window=4096), GEMMA_PROMPTS, 10)
+    assert generate_tokens(loaded, GEMMA_PROMPTS, GEMMA_GREEDY, eos_ids=[]) == want
+
+
+def test_gemma2_steering(gemma2):
+    """Steering the last position equals the same hook on HF ``generate``; coef 0 equals unsteered."""
+    v = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 3
+
+    def pv_hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h = h.clone()
+        h[:, -1] += v
+        return h
+
+    steered = generate_tokens(gemma2, GEMMA_PROMPTS, GEMMA_GREEDY, [Intervention("add", 2, v, positions="response")],
+                              eos_ids=[])
+    assert steered == _hf_generate(gemma2, GEMMA_PROMPTS, 10, hook=pv_hook)
+    plain = generate_tokens(gemma2, GEMMA_PROMPTS, GEMMA_GREEDY, eos_ids=[])
+    assert steered != plain
+    zero = generate_tokens(gemma2, GEMMA_PROMPTS, GEMMA_GREEDY, [Intervention("add", 2, v * 50, coef=0.0,
+                                                                          positions="all")], eos_ids=[])
+    assert zero == plain
+
+
+def test_unsupported_attention_feature_is_an_input_error(monkeypatch):
+    from persona_ops.errors import InputError
+    from persona_ops.inference import engine
+
+    module = _loaded("llama").model.model.layers[0].self_attn
+    monkeypatch.setattr(engine, "_ACTIVE", engine.KVStore(1, 64))
+    q = torch.zeros(1, 4, 2, 16)
+    with pytest.raises(InputError, match="attention sinks"):
+        engine._attention(module, q, q[:, :2], q[:, :2], None, s_aux=torch.zeros(4))

@@ -21,7 +21,9 @@ from persona_ops.errors import InputError, TransientError
 from persona_ops.judge import (COHERENCE_PROMPT, CachedJudge, JudgeCache, aggregate_score,
                                aggregate_token_logprobs, cache_key, fill_template, make_judge,
                                numeric_probs, parse_int)
+from persona_ops.inference.backends import EndpointCfg
 from persona_ops.judge.local import LocalJudge, digit_token_ids
+from persona_ops.judge.settings import JudgeCfg
 from persona_ops.inference.openai_client import redact
 from persona_ops.judge.openai_backend import OpenAIJudge
 
@@ -198,7 +200,8 @@ def test_cached_judge_rerun_makes_no_calls(tiny_loaded, tmp_path):
     path = tmp_path / "scores.sqlite"
     prompts = PROMPTS + [PROMPTS[0]]  # a duplicate is judged once
     with digit_bias(tiny_loaded):
-        first = make_judge("local", "ignored", loaded=tiny_loaded, cache_path=path, batch_size=2)
+        cfg = JudgeCfg(model="ignored", batch_size=2, cache=str(path))
+        first = make_judge(cfg, tmp_path, load=lambda ref: tiny_loaded)
         scores = first.score(prompts)
         assert first.backend_calls == 3
         assert scores[0] == scores[3] and all(s is None or 0 <= s <= 100 for s in scores)
@@ -214,13 +217,18 @@ def test_cached_judge_rerun_makes_no_calls(tiny_loaded, tmp_path):
 
 def test_make_judge_openai_key_handling(monkeypatch, tmp_path):
     monkeypatch.delenv("PERSONA_OPS_TEST_KEY", raising=False)
+    def cfg(**openai):
+        return JudgeCfg(backend="openai", cache=":memory:",
+                        openai=EndpointCfg(api_key_env="PERSONA_OPS_TEST_KEY", **openai))
+
     with pytest.raises(InputError, match="PERSONA_OPS_TEST_KEY"):
-        make_judge("openai", "gpt-4.1-mini", api_key_env="PERSONA_OPS_TEST_KEY", cache_path=":memory:")
-    judge = make_judge("openai", "m", base_url="http://127.0.0.1:9/v1", api_key_env="PERSONA_OPS_TEST_KEY",
-                       cache_path=tmp_path / "c.sqlite")
+        make_judge(cfg(model="gpt-4.1-mini"), tmp_path)
+    with pytest.raises(InputError, match=r"judge\.openai\.model: the served model's name is required"):
+        make_judge(cfg(base_url="http://127.0.0.1:9/v1"), tmp_path)
+    judge = make_judge(cfg(model="m", base_url="http://127.0.0.1:9/v1"), tmp_path)
     assert judge.label == "openai:m"
     with pytest.raises(InputError, match="backend"):
-        make_judge("nope", "m", cache_path=":memory:")
+        make_judge(JudgeCfg.model_construct(backend="nope", cache=":memory:"), tmp_path)
 
 
 # ----------------------------------------------------------------------------- OpenAI backend retries

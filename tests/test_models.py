@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from persona_ops.models.loading import (LoadedModel, decoder_layers, model_label, parse_model_ref, resolve_dtype,
+from persona_ops.models.refs import base_label, split_revision
+from persona_ops.models.loading import (LoadedModel, decoder_layers, resolve_dtype,
                                 tiny_model)
 from persona_ops.errors import InputError
 
@@ -18,10 +19,10 @@ def test_decoder_layers_and_hidden_state_rows_for_each_layout(arch, smol_tokeniz
 
 
 def test_model_refs_and_labels():
-    assert parse_model_ref("allenai/OLMo-2-1124-7B-Instruct@step_60") == ("allenai/OLMo-2-1124-7B-Instruct", "step_60")
-    assert parse_model_ref("Qwen/Qwen3-4B", "main") == ("Qwen/Qwen3-4B", "main")
-    assert model_label("Qwen/Qwen3-4B") == "Qwen/Qwen3-4B@main"
-    assert model_label("embedded").startswith("HuggingFaceTB/SmolLM2-135M-Instruct@")
+    assert split_revision("allenai/OLMo-2-1124-7B-Instruct@step_60") == ("allenai/OLMo-2-1124-7B-Instruct", "step_60")
+    assert split_revision("Qwen/Qwen3-4B", "main") == ("Qwen/Qwen3-4B", "main")
+    assert base_label("Qwen/Qwen3-4B") == "Qwen/Qwen3-4B@main"
+    assert base_label("embedded").startswith("HuggingFaceTB/SmolLM2-135M-Instruct@")
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     with pytest.raises(InputError, match="model.dtype"):
         resolve_dtype("int3", torch.device("cpu"))

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import params_of, pool_of, run_stage
+
 from persona_ops.data import check_paths, load_questions, load_role
 from persona_ops.errors import InputError
 from persona_ops.judge import CachedScore
-from persona_ops.models.refs import ModelRef
-from persona_ops.pipelines import persona_space as ps
+from persona_ops.pipelines.persona_space import config as cfg
+from persona_ops.pipelines.persona_space.activations import read_activations
+from persona_ops.pipelines.persona_space.roles import model_short_name, record_key
+from persona_ops.pipelines.persona_space.transcripts import build_role_requests
 
 REPO = Path(__file__).resolve().parents[1]
 ROLES_DIR = REPO / "data" / "roles"
@@ -51,39 +55,41 @@ def test_loaders_accept_reference_roles(smol_tokenizer):
     assert all(r.eval_prompt for r in roles if not r.is_default)
     questions = load_questions(REFERENCE / "extraction_questions.jsonl")
     assert len(questions) == 240
-    params = ps.PersonaSpaceParams(roles=ps.RolesCfg(model_name="Qwen", questions_limit=2))
+    roles_cfg = cfg.RolesCfg(model_name="Qwen", questions_limit=2)
     default = next(r for r in roles if r.is_default)
-    reqs = ps.build_role_requests(default, questions, smol_tokenizer, params)
+    reqs = build_role_requests(default, questions, smol_tokenizer, roles_cfg, 1,
+                               model_short_name(roles_cfg, cfg.PersonaSpaceParams().model))
     assert len(reqs) == 5 * 2 and "You are Qwen." in {r["system_prompt"] for r in reqs}
     assert reqs[0]["system_prompt"] == "" and questions[0].question in reqs[0]["prompt"]
 
 
 # --- a small project ------------------------------------------------------------------
 
+ROLES = ["default", *KEPT, DROPPED]
+OUT = "outputs/persona_space"
+
+
 def _project(root: Path) -> Path:
     inst = root / "roles" / "instructions"
     inst.mkdir(parents=True)
-    for name in ("default", *KEPT, DROPPED):
+    for name in ROLES:
         shutil.copy(ROLES_DIR / "instructions" / f"{name}.json", inst)
     shutil.copy(ROLES_DIR / "questions.jsonl", root / "roles" / "questions.jsonl")
     return root
 
 
-def _params(**over) -> ps.PersonaSpaceParams:
-    cfg = dict(
-        roles=ps.RolesCfg(dir="roles/instructions", questions="roles/questions.jsonl",
-                          names=["default", *KEPT, DROPPED], instructions_limit=2, questions_limit=2,
-                          model_name="Tiny"),
-        transcripts=ps.TranscriptsCfg(rollouts=2, max_new_tokens=3, temperature=1.0, top_p=1.0,
-                                      batch_size=4, chunk_size=3),
-        activations=ps.RoleActivationsCfg(layers=[1, 2, 4], batch_size=8, chunk_size=5),
-        vectors=ps.RoleVectorsCfg(min_count=2),
-        trajectory=ps.TrajectoryCfg(checkpoints=[
-            ps.CheckpointCfg(label="sft", model=ModelRef(name="unused"), step=0),
-            ps.CheckpointCfg(label="dpo", model=ModelRef(name="unused"), step=1)]),
-        out="out")
-    cfg.update(over)
-    return ps.PersonaSpaceParams(**cfg)
+def _params(roles=ROLES, **over):
+    ps = {"model": {"name": "embedded", "adapter": None},
+          "roles": {"dir": "roles/instructions", "questions": "roles/questions.jsonl", "names": list(roles),
+                    "instructions_limit": 2, "questions_limit": 2, "model_name": "Tiny"},
+          "transcripts": {"rollouts": 2, "batch_size": 4, "chunk_size": 3,
+                          "sampling": {"max_new_tokens": 3, "temperature": 1.0, "top_p": 1.0}},
+          "activations": {"layers": [1, 2, 4], "batch_size": 8, "chunk_size": 5},
+          "vectors": {"min_count": 2},
+          "trajectory": {"checkpoints": {"sft": {"step": 0, "model": {"name": "unused"}},
+                                         "dpo": {"step": 1, "model": {"name": "unused"}}}}}
+    ps.update(over)
+    return params_of({"persona_space": ps})
 
 
 class _Killed(Exception):
@@ -91,7 +97,8 @@ class _Killed(Exception):
 
 
 class StubJudge:
-    """Scores by role: the kept roles fully play the role (label 3), the dropped one never does."""
+    """Scores by role: the kept roles fully play the role (label 3), the dropped one never does.
+    (The embedded model cannot judge role expression; this stands in for a real judge.)"""
 
     label = "stub-judge"
     backend_calls = 0
@@ -105,46 +112,63 @@ class StubJudge:
         return out
 
 
+@pytest.fixture
+def stub_judge(monkeypatch):
+    from persona_ops.pipelines.persona_space import judging
+
+    monkeypatch.setattr(judging, "make_judge", lambda *a, **k: StubJudge())
+
+
 def _files(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.suffix == ".jsonl"}
+
+
+def _each(stage, params, root, pool, roles=ROLES, **kwargs) -> dict:
+    """``stage`` for every role; metrics summed."""
+    total: dict = {}
+    for role in roles:
+        for k, v in run_stage(stage, params, root, role, pool, **kwargs).metrics.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, tiny_loaded):
     root = _project(tmp_path_factory.mktemp("ref"))
-    res = ps.transcripts(_params(), root, loaded=tiny_loaded)
-    return root, res
+    return root, _each("role_transcripts", _params(), root, pool_of(tiny_loaded))
 
 
 def test_transcripts_layout(reference_run):
     root, res = reference_run
-    d = root / "out" / "transcripts"
-    assert res.metrics["records"] == 5 * 2 * 2 * 2 and res.metrics["generated"] == 40
+    d = root / OUT / "transcripts"
+    assert res["records"] == 5 * 2 * 2 * 2 and res["generated"] == 40
     recs = [json.loads(x) for x in (d / "pirate.jsonl").read_text().splitlines()]
-    assert [ps.record_key(r) for r in recs] == [(s, q, r) for s in range(2) for q in range(2) for r in range(2)]
+    assert [record_key(r) for r in recs] == [(s, q, r) for s in range(2) for q in range(2) for r in range(2)]
     assert set(recs[0]) == {"system_prompt_idx", "question_idx", "rollout_idx", "system_prompt", "question",
                             "prompt", "response"}
     default = [json.loads(x) for x in (d / "default.jsonl").read_text().splitlines()]
     assert default[0]["system_prompt"] == "" and default[0]["question"] in default[0]["prompt"]
     assert not list(d.glob("*.partial*"))
+    prov = json.loads((d / "pirate.jsonl.prov.json").read_text())
+    assert prov["stage"] == "role_transcripts" and prov["item"] == "pirate" and prov["fingerprint"]
+    assert {i["path"] for i in prov["inputs"]} == {"roles/instructions/pirate.json", "roles/questions.jsonl"}
 
 
 def test_resume_after_kill_loses_and_duplicates_nothing(reference_run, tmp_path, tiny_loaded):
     ref_root, _ = reference_run
     root = _project(tmp_path)
-    params = _params(roles=ps.RolesCfg(dir="roles/instructions", questions="roles/questions.jsonl",
-                                       names=["default", "pirate"], instructions_limit=2, questions_limit=2,
-                                       model_name="Tiny"))
+    params, pool = _params(roles=["default", "pirate"]), pool_of(tiny_loaded)
     calls: list[tuple[str, int]] = []
 
-    def kill_after_4(role, chunk):
+    def kill_after_1(role, chunk):
         calls.append((role, chunk))
-        if len(calls) == 4:  # default's 3 chunks done, pirate's first chunk on disk
+        if len(calls) == 1:  # pirate's first chunk on disk
             raise _Killed
 
+    run_stage("role_transcripts", params, root, "default", pool)
     with pytest.raises(_Killed):
-        ps.transcripts(params, root, loaded=tiny_loaded, on_chunk=kill_after_4)
-    d = root / "out" / "transcripts"
+        run_stage("role_transcripts", params, root, "pirate", pool, on_chunk=kill_after_1)
+    d = root / OUT / "transcripts"
     partial = d / "pirate.partial.jsonl"
     assert (d / "default.jsonl").exists() and not (d / "pirate.jsonl").exists()
     # simulate a kill in the middle of the next append: two whole lines of a chunk, then a torn one
@@ -153,73 +177,72 @@ def test_resume_after_kill_loses_and_duplicates_nothing(reference_run, tmp_path,
     partial.write_text("".join(lines[:2]) + lines[2][:25])
 
     resumed: list[tuple[str, int]] = []
-    res = ps.transcripts(params, root, loaded=tiny_loaded, on_chunk=lambda r, c: resumed.append((r, c)))
-    assert res.metrics["roles_skipped"] == 1  # default was complete
+    assert run_stage("role_transcripts", params, root, "default", pool).metrics["skipped"] == 1  # complete
+    run_stage("role_transcripts", params, root, "pirate", pool, on_chunk=lambda r, c: resumed.append((r, c)))
     assert resumed == [("pirate", 0), ("pirate", 1), ("pirate", 2)]
-    ref = _files(ref_root / "out" / "transcripts")
+    ref = _files(ref_root / OUT / "transcripts")
     assert _files(d) == {k: ref[k] for k in ("default.jsonl", "pirate.jsonl")}  # as an uninterrupted run
     for f in d.glob("*.jsonl"):
-        keys = [ps.record_key(json.loads(x)) for x in f.read_text().splitlines()]
+        keys = [record_key(json.loads(x)) for x in f.read_text().splitlines()]
         assert len(keys) == len(set(keys)) == 8
     assert not list(d.glob("*.partial*"))
 
-    # a finished run is skipped as a whole, and stale partial files are cleaned up
+    # a finished role is skipped as a whole, and stale partial files are cleaned up
     (d / "pirate.partial.jsonl").write_text("{}\n")
-    again = ps.transcripts(params, root, loaded=tiny_loaded, on_chunk=lambda r, c: resumed.append(("x", c)))
-    assert again.metrics["generated"] == 0 and again.metrics["roles_skipped"] == 2
+    again = run_stage("role_transcripts", params, root, "pirate", pool)
+    assert again.metrics["generated"] == 0 and again.metrics["skipped"] == 1
     assert not (d / "pirate.partial.jsonl").exists()
     # a changed parameter invalidates the finished files
-    changed = ps.transcripts(params.model_copy(update={"transcripts": ps.TranscriptsCfg(
-        rollouts=2, max_new_tokens=1, batch_size=4, chunk_size=3)}), root, loaded=tiny_loaded)
-    assert changed.metrics["generated"] == 16
+    changed = _params(roles=["default", "pirate"], transcripts={
+        "rollouts": 2, "batch_size": 4, "chunk_size": 3, "sampling": {"max_new_tokens": 1}})
+    assert run_stage("role_transcripts", changed, root, "pirate", pool).metrics["generated"] == 8
 
 
 def test_unimplemented_backend_and_missing_role(tmp_path):
     root = _project(tmp_path)
     with pytest.raises(InputError, match=r"backend=vllm needs vLLM.*persona-ops\[vllm\]"):
-        ps.transcripts(_params(transcripts=ps.TranscriptsCfg(backend="vllm")), root)
-    with pytest.raises(InputError, match="no role file for ghost"):
-        ps.role_names(_params(roles=ps.RolesCfg(dir="roles/instructions", names=["default", "ghost"])), root)
-    with pytest.raises(InputError, match="'poet' is not in persona_space.roles.names"):
-        ps.transcripts(_params(roles=ps.RolesCfg(dir="roles/instructions", names=["default", "pirate"])), root,
-                       role="poet")
-    for names, fragment in ((["pirate"], "must list 'default'"), (["default", "pirate", "pirate"], "more than once")):
+        run_stage("role_transcripts", _params(transcripts={"backend": "vllm"}), root, "pirate")
+    with pytest.raises(InputError, match="needs an item, one of: default, pirate.*got 'poet'"):
+        run_stage("role_transcripts", _params(roles=["default", "pirate"]), root, "poet")
+    for names, fragment in ((["pirate"], "must list 'default'"), (["default", "pirate", "pirate"], "more than once"),
+                            (["default", "a;b"], "not a usable name")):
         with pytest.raises(ValueError, match=fragment):
-            ps.RolesCfg(names=names)
+            cfg.RolesCfg(names=names)
 
 
-def test_judge_activations_space_trajectory(reference_run, tiny_loaded):
+def test_judge_activations_space_trajectory(reference_run, tiny_loaded, stub_judge):
     from persona_ops.interp.space import load_persona_space
 
     root, _ = reference_run
-    params = _params()
-    out = root / "out"
-    j = ps.judge_roles(params, root, judge=StubJudge())
-    assert j.metrics["judged"] == 32 and (out / "scores" / "default.scores.jsonl").read_text() == ""
+    params, pool = _params(), pool_of(tiny_loaded)
+    out = root / OUT
+    j = _each("role_judge", params, root, pool)
+    assert j["judged"] == 32 and (out / "scores" / "default.scores.jsonl").read_text() == ""
     row = json.loads((out / "scores" / "pirate.scores.jsonl").read_text().splitlines()[3])
-    assert row["index"] == 3 and row["label"] == 3 and ps.record_key(row) == (0, 1, 1)
+    assert row["index"] == 3 and row["label"] == 3 and record_key(row) == (0, 1, 1)
     assert row["score"] == pytest.approx(2.8)
 
-    a = ps.role_activations(params, root, loaded=tiny_loaded)
+    a = _each("role_activations", params, root, pool)
     meta = json.loads((out / "activations" / "pirate_metadata.json").read_text())
-    assert a.metrics["layers"] == 3 and a.metrics["captured"] + a.metrics["empty_responses"] == 40
+    assert a["layers"] == 3 * 5 and a["captured"] + a["empty"] == 40
     assert set(meta[0]) == {"system_prompt_idx", "question_idx", "rollout_idx"}
-    acts, keys, header = ps.read_activations(out / "activations", "pirate")
+    acts, keys, header = read_activations(out / "activations", "pirate")
     assert tuple(acts.shape) == (len(meta), 3, tiny_loaded.hidden_size) and header["layers"] == [1, 2, 4]
-    assert ps.role_activations(params, root, loaded=tiny_loaded).metrics["roles_skipped"] == 5
+    assert _each("role_activations", params, root, pool)["skipped"] == 5
 
-    s = ps.persona_space(params, root)
+    s = run_stage("persona_space", params, root)
     report = json.loads((out / "persona_space.metrics.json").read_text())
     assert report["dropped_roles"] == {DROPPED: 0} and s.metrics["n_roles"] == 3 and s.metrics["layer"] == 2
     assert set(report["pcs_for"]) == {"0.7", "0.8", "0.9"} and "axis_pc1_cos" in report
     space = load_persona_space(out / "persona_space.safetensors")
     assert space.roles == sorted(KEPT) and space.layers == [1, 2, 4] and float(space.default_coords[0]) > 0
-    assert s.register == {"persona-space-smollm2-135m-instruct": out / "persona_space.safetensors"}
+    used = {i["path"] for i in s.record["inputs"]}
+    assert f"{OUT}/scores/chef.scores.jsonl" in used and f"{OUT}/activations/default_activations.safetensors" in used
 
     # two checkpoints that are the same model: a flat trajectory at the reference coordinates
     for c in ("sft", "dpo"):
-        ps.role_activations(params, root, loaded=tiny_loaded, checkpoint=c)
-    t = ps.trajectory(params, root)
+        run_stage("checkpoint_activations", params, root, c, pool)
+    t = run_stage("trajectory", params, root)
     recs = [json.loads(x) for x in (out / "trajectory" / "trajectory.jsonl").read_text().splitlines()]
     assert [r["checkpoint"] for r in recs] == ["sft", "dpo"]
     strip = [{k: v for k, v in r.items() if k not in ("checkpoint", "step")} for r in recs]
@@ -235,9 +258,9 @@ def test_judge_activations_space_trajectory(reference_run, tiny_loaded):
 
     from persona_ops.interp.capping import load_capping
 
-    capped = ps.capping(params.model_copy(update={"capping": ps.CappingCfg(layers=[1, 2], percentile=25)}), root)
+    capped = run_stage("capping", _params(capping={"layers": [1, 2], "percentile": 25}), root)
     spec = load_capping(out / "capping.safetensors")
-    default_acts, _, _ = ps.read_activations(out / "activations", "default")
+    default_acts, _, _ = read_activations(out / "activations", "default")
     assert spec.layers == [1, 2] and capped.metrics["layers"] == 2
     summary = json.loads((out / "capping.json").read_text())
     for i, layer in enumerate(spec.layers):
@@ -245,52 +268,77 @@ def test_judge_activations_space_trajectory(reference_run, tiny_loaded):
         floor = np.percentile((default_acts[:, space.row(layer)].double() @ u).numpy(), 25)
         assert float(spec.tau[i]) == pytest.approx(-floor, abs=1e-5)
         assert summary["layers"][str(layer)]["assistant_floor"] == pytest.approx(floor, abs=1e-5)
-    assert capped.register == {"capping-spec-smollm2-135m-instruct": out / "capping.safetensors"}
     with pytest.raises(InputError, match=r"\[3\] were not captured"):
-        ps.capping(params.model_copy(update={"capping": ps.CappingCfg(layers=[2, 4])}), root)
+        run_stage("capping", _params(capping={"layers": [2, 4]}), root)
 
 
-def test_one_role_at_a_time_and_stale_activations(reference_run, tiny_loaded, tmp_path):
+def test_role_capture_computes_only_the_asked_layers(reference_run, tiny_loaded, tmp_path, monkeypatch):
+    """Role activations capture the response means of the configured layers only (the forward
+    stops at the deepest), and equal the same rows of an all-layers capture."""
+    import torch
+
+    from persona_ops.interp import capture as capture_module
+
+    ref_root, _ = reference_run
+    root = _project(tmp_path)
+    shutil.copytree(ref_root / OUT / "transcripts", root / OUT / "transcripts")
+    asked = []
+    real = capture_module.capture_tokens
+    monkeypatch.setattr(capture_module, "capture_tokens",
+                        lambda *a, **k: asked.append((k["layers"], k["aggregates"])) or real(*a, **k))
+    run_stage("role_activations", _params(), root, "pirate", pool_of(tiny_loaded))
+    assert asked and all(a == ([1, 2], ("response_avg",)) or a == ([1, 2, 4], ("response_avg",)) for a in asked)
+    few, _, _ = read_activations(root / OUT / "activations", "pirate")
+    run_stage("role_activations", _params(activations={"all_layers": True, "batch_size": 8}), root, "pirate",
+              pool_of(tiny_loaded))
+    every, _, header = read_activations(root / OUT / "activations", "pirate")
+    assert header["layers"] == list(range(tiny_loaded.num_layers + 1))
+    assert torch.allclose(few, every[:, [1, 2, 4]], atol=1e-5)
+
+
+def test_one_role_at_a_time_and_stale_activations(reference_run, tiny_loaded, tmp_path, stub_judge):
     """What a DVC stage ``STAGE@role`` runs: only that role's files; activations are reused only
     while they match the role's transcripts."""
     ref_root, _ = reference_run
     root = _project(tmp_path)
-    shutil.copytree(ref_root / "out" / "transcripts", root / "out" / "transcripts")
-    params = _params()
-    acts = root / "out" / "activations"
-    first = ps.role_activations(params, root, loaded=tiny_loaded, role="surfer")
-    assert first.metrics["roles"] == 1 and sorted(p.name for p in acts.iterdir()) == [
-        "surfer_activations.safetensors", "surfer_metadata.json"]
-    assert ps.role_activations(params, root, loaded=tiny_loaded, role="surfer").metrics["roles_skipped"] == 1
+    shutil.copytree(ref_root / OUT / "transcripts", root / OUT / "transcripts")
+    params, pool = _params(), pool_of(tiny_loaded)
+    acts = root / OUT / "activations"
+    first = run_stage("role_activations", params, root, "surfer", pool)
+    assert sorted(p.name for p in acts.iterdir()) == [
+        "surfer_activations.safetensors", "surfer_activations.safetensors.prov.json", "surfer_metadata.json",
+        "surfer_metadata.json.prov.json"]
+    assert first.metrics["captured"] > 0
+    assert run_stage("role_activations", params, root, "surfer", pool).metrics["skipped"] == 1
     # new responses under the same keys (e.g. a retrained reference model): captured again
-    path = root / "out" / "transcripts" / "surfer.jsonl"
+    path = root / OUT / "transcripts" / "surfer.jsonl"
     recs = [json.loads(x) for x in path.read_text().splitlines()]
     path.write_text("".join(json.dumps({**r, "response": r["response"] + " ahoy"}) + "\n" for r in recs))
-    again = ps.role_activations(params, root, loaded=tiny_loaded, role="surfer")
-    assert again.metrics["roles_skipped"] == 0 and again.metrics["captured"] == len(recs)
-    j = ps.judge_roles(params, root, judge=StubJudge(), role="surfer")
-    assert j.metrics["judged"] == len(recs) and sorted(p.name for p in (root / "out" / "scores").iterdir()) == [
-        "surfer.scores.jsonl", "surfer.scores.provenance.json"]
+    again = run_stage("role_activations", params, root, "surfer", pool)
+    assert again.metrics["skipped"] == 0 and again.metrics["captured"] == len(recs)
+    j = run_stage("role_judge", params, root, "surfer", pool)
+    assert j.metrics["judged"] == len(recs) and sorted(p.name for p in (root / OUT / "scores").iterdir()) == [
+        "surfer.scores.jsonl", "surfer.scores.jsonl.prov.json"]
 
 
-def test_families_side_by_side(reference_run, tiny_loaded, tmp_path):
+def test_families_side_by_side(reference_run, tiny_loaded, tmp_path, stub_judge):
     """Two model families in one trajectory: one record per checkpoint tagged with its family,
     one metric per family, the plots drawn; identical models give flat, equal trajectories."""
     ref_root, _ = reference_run
     root = tmp_path
     shutil.copytree(ref_root / "roles", root / "roles")
-    shutil.copytree(ref_root / "out" / "transcripts", root / "out" / "transcripts")
-    out = root / "out"
-    ps.judge_roles(_params(), root, judge=StubJudge())
-    ps.role_activations(_params(), root, loaded=tiny_loaded)
-    ps.persona_space(_params(), root)
-    ckpts = [ps.CheckpointCfg(label=f"{fam}-{step}", family=fam, step=step, model=ModelRef(name="unused"))
-             for fam in ("aligned", "control") for step in (0, 10)]
-    params = _params(trajectory=ps.TrajectoryCfg(checkpoints=ckpts))
-    assert list(params.trajectory.families()) == ["aligned", "control"]
-    for c in ckpts:
-        ps.role_activations(params, root, loaded=tiny_loaded, checkpoint=c.label)
-    t = ps.trajectory(params, root)
+    shutil.copytree(ref_root / OUT / "transcripts", root / OUT / "transcripts")
+    out, pool = root / OUT, pool_of(tiny_loaded)
+    _each("role_judge", _params(), root, pool)
+    _each("role_activations", _params(), root, pool)
+    run_stage("persona_space", _params(), root)
+    ckpts = {f"{fam}-{step}": {"family": fam, "step": step, "model": {"name": "unused"}}
+             for fam in ("aligned", "control") for step in (0, 10)}
+    params = _params(trajectory={"checkpoints": ckpts})
+    assert list(params.persona_space.trajectory.families()) == ["aligned", "control"]
+    for label in ckpts:
+        run_stage("checkpoint_activations", params, root, label, pool)
+    t = run_stage("trajectory", params, root)
     recs = [json.loads(x) for x in (out / "trajectory" / "trajectory.jsonl").read_text().splitlines()]
     assert [(r["family"], r["checkpoint"], r["step"]) for r in recs] == [
         ("aligned", "aligned-0", 0), ("aligned", "aligned-10", 10), ("control", "control-0", 0),
@@ -300,3 +348,5 @@ def test_families_side_by_side(reference_run, tiny_loaded, tmp_path):
     assert recs[0]["default"] == recs[2]["default"]
     for name in ("pc_scatter", "axis_projection", "pc_coordinates", "default_path"):
         assert (out / "trajectory" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="expected a mapping label"):
+        _params(trajectory={"checkpoints": [{"label": "a", "model": {"name": "x"}}]})

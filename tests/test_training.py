@@ -16,7 +16,9 @@ from persona_ops.errors import InputError
 from persona_ops.interp.interventions import Intervention
 from persona_ops.io import read_json
 from persona_ops.models.loading import LoadedModel, decoder_layers, tiny_model
-from persona_ops.models.adapters import list_checkpoints, load_adapter_checkpoint, unload_adapter
+from persona_ops.models.adapters import adapter_sha256, list_checkpoints
+from persona_ops.models.pool import ModelPool
+from persona_ops.models.refs import ModelRef
 from persona_ops.training.sft import (IGNORE, LoraConfigSpec, TrainConfig, _save_checkpoint, _target_modules,
                                       tokenize_chat, train_lora, training_positions)
 
@@ -87,7 +89,7 @@ def _assert_exact_mask(tok, messages, train_on="all", end_of_turn="<|im_end|>\n"
 
 
 def test_mask_is_exactly_the_assistant_tokens_smollm2(smol_tokenizer):
-    single = load_chat_dataset(PIRATE)[0]
+    single = load_chat_dataset(PIRATE)[0].messages
     _assert_exact_mask(smol_tokenizer, single)
     _assert_exact_mask(smol_tokenizer, MULTI)
     _assert_exact_mask(smol_tokenizer, MULTI, train_on="last")
@@ -156,7 +158,7 @@ def tiny(smol_tokenizer):
 
 @pytest.fixture(scope="module")
 def data():
-    return load_chat_dataset(PIRATE)[:8]
+    return [ex.messages for ex in load_chat_dataset(PIRATE)[:8]]
 
 
 @pytest.fixture(scope="module")
@@ -211,34 +213,51 @@ def test_training_lowers_the_loss_and_leaves_the_base_untouched(run, tiny, batch
     assert {n: p.requires_grad for n, p in tiny.model.named_parameters()} == grads
     with torch.no_grad():
         assert torch.equal(tiny.model(ids).logits, before.logits)
-    adapted = load_adapter_checkpoint(tiny, result.final_checkpoint)
+    pool = _pool(tiny)
     try:
         with torch.no_grad():
-            after = adapted.model(input_ids=ids, labels=labels)
+            after = pool.get(BASE.resolved(str(result.final_checkpoint))).model(input_ids=ids, labels=labels)
         assert after.loss < before.loss - 0.05  # a deterministic, whole-example measure
     finally:
-        unload_adapter(adapted)
+        pool.plain(BASE)
 
 
-def test_load_adapter_checkpoint(run, tiny, batch):
+BASE = ModelRef(name="tiny")
+
+
+def _pool(tiny) -> ModelPool:
+    pool = ModelPool()
+    pool.add(BASE, tiny)
+    return pool
+
+
+def test_pool_attaches_adapters_once_and_switches_them(run, tiny, batch):
+    """Checkpoints of a run on one base model: each attached once, the one in use active, the
+    base itself with every adapter off; ``plain`` removes every LoRA layer."""
     result, before, _ = run
     ids, _ = batch
     (_, first), (_, last) = result.checkpoints[0], result.checkpoints[-1]
-    adapted = load_adapter_checkpoint(tiny, last)
-    assert adapted.label == f"tiny-llama@test+{last}@6" and not adapted.model.training
-    with torch.no_grad():
-        a = adapted.model(input_ids=ids).logits
-        assert not torch.allclose(a, before.logits, atol=1e-4)
-        b = load_adapter_checkpoint(tiny, first).model(input_ids=ids).logits
-        assert not torch.allclose(a, b, atol=1e-5)
-        # Re-loading replaces the adapter instead of stacking a second one.
-        again = load_adapter_checkpoint(tiny, last)
-        assert torch.allclose(again.model(input_ids=ids).logits, a, atol=1e-6)
-        base = unload_adapter(again)
-        assert base.label == "tiny-llama@test"
-        assert torch.equal(base.model(ids).logits, before.logits)
-    with pytest.raises(InputError, match="not an adapter checkpoint"):
-        load_adapter_checkpoint(tiny, result.out_dir)
+    pool = _pool(tiny)
+    try:
+        with torch.no_grad():
+            adapted = pool.get(BASE.resolved(str(last)))
+            assert adapted.label == f"tiny@main+{last}#{adapter_sha256(last)[:12]}" and not adapted.model.training
+            a = adapted.model(input_ids=ids).logits
+            assert not torch.allclose(a, before.logits, atol=1e-4)
+            b = pool.get(BASE.resolved(str(first))).activate().model(input_ids=ids).logits
+            assert not torch.allclose(a, b, atol=1e-5)
+            plain = pool.get(BASE).activate()
+            assert torch.allclose(plain.model(input_ids=ids).logits, before.logits, atol=1e-6)
+            again = adapted.activate().model(input_ids=ids).logits  # switched back, not stacked
+            assert torch.allclose(again, a, atol=1e-6) and pool.adapter_loads == 2 and pool.loads == 0
+        base = pool.plain(BASE)
+        assert not hasattr(base.model, "peft_config")
+        with torch.no_grad():
+            assert torch.equal(base.model(ids).logits, before.logits)
+        with pytest.raises(InputError, match="not an adapter checkpoint"):
+            pool.get(BASE.resolved(str(result.out_dir)))
+    finally:
+        pool.plain(BASE)
 
 
 def test_refuses_to_overwrite_a_run(run, tiny, data):

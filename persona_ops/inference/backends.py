@@ -29,13 +29,14 @@ from typing import Literal, Protocol, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_ops.errors import InputError
+from persona_ops.inference.sampling import SamplingParams
 
 Backend = Literal["hf", "vllm", "openai"]
 _MAX_N = 16  # completions per OpenAI request (servers cap n; ours at 32)
 
 
-class OpenAIGenerationCfg(BaseModel):
-    """The ``openai`` backend's server (``<section>.openai`` in params.yaml)."""
+class EndpointCfg(BaseModel):
+    """An OpenAI-compatible server (the ``openai`` sections of params.yaml: generation and judge)."""
 
     model_config = ConfigDict(extra="forbid")
     base_url: str | None = None  # None = https://api.openai.com/v1
@@ -55,6 +56,17 @@ class VLLMCfg(BaseModel):
     max_model_len: int | None = Field(None, ge=1)
 
 
+class GenerationCfg(BaseModel):
+    """Where answers come from and how they are sampled (generation sections of params.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+    backend: Backend = "hf"  # hf (the local model on the engine) | vllm | openai
+    batch_size: int = Field(32, ge=1)  # hf: rows per generation batch
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    openai: EndpointCfg = Field(default_factory=EndpointCfg)
+    vllm: VLLMCfg = Field(default_factory=VLLMCfg)
+
+
 class TextGenerator(Protocol):
     label: str  # what generates (provenance and resume fingerprints)
     tokenizer: object  # the reference model's: renders the prompts
@@ -63,21 +75,21 @@ class TextGenerator(Protocol):
         """One answer per chat, in input order."""
 
 
-def make_generator(cfg, model, section: str, loaded=None) -> TextGenerator:
-    """The generator ``cfg.backend`` names, for the reference ``model`` (a ``ModelRef``).
+def make_generator(cfg: GenerationCfg, model, section: str, load=None) -> TextGenerator:
+    """The generator ``cfg.backend`` names, for the reference ``model`` (a resolved ``ModelRef``).
 
-    ``cfg`` is a generation section with ``backend``, ``openai`` and ``vllm`` fields;
-    ``section`` names it in error messages. ``hf`` needs ``loaded`` (the loaded reference
-    model); the other backends only use its tokenizer when given (else they load the tokenizer).
+    ``section`` names ``cfg`` in error messages. ``hf`` loads ``model`` with ``load`` (a stage's
+    ``io.model``: the run's shared pool); the other backends load only its tokenizer, which
+    renders the prompts the records keep.
     """
     if cfg.backend == "hf":
-        if loaded is None:
-            raise ValueError("the hf backend needs the loaded model")
-        return HFGenerator(loaded)
+        if load is None:
+            raise ValueError("the hf backend needs a model loader")
+        return HFGenerator(load(model))
     from persona_ops.models.loading import load_tokenizer
 
     vllm = _import_vllm(section) if cfg.backend == "vllm" else None  # before loading anything
-    tokenizer = loaded.tokenizer if loaded is not None else load_tokenizer(model.name, model.revision)
+    tokenizer = load_tokenizer(model.name, model.revision)
     if vllm is not None:
         return VLLMGenerator(vllm, model, cfg.vllm, tokenizer)
     if cfg.backend == "openai":
@@ -124,11 +136,13 @@ class VLLMGenerator:
     """Offline vLLM on the reference model (its LoRA adapter through a ``LoRARequest``)."""
 
     def __init__(self, vllm, model, cfg: VLLMCfg, tokenizer):
-        from persona_ops.models.loading import model_label, model_source
+        from persona_ops.models.adapters import adapter_sha256
+        from persona_ops.models.loading import model_source
+        from persona_ops.models.refs import label
 
         path, kwargs = model_source(model.name, model.revision)
         self.tokenizer, self._vllm = tokenizer, vllm
-        self.label = f"vllm:{model_label(model.name, model.revision)}" + (f"+{model.adapter}" if model.adapter else "")
+        self.label = "vllm:" + label(model, adapter_sha256(model.adapter) if model.adapter else None)
         lora = {}
         self._lora = None
         if model.adapter:
@@ -160,7 +174,7 @@ class VLLMGenerator:
 class OpenAIGenerator:
     """Chat completions from an OpenAI-compatible server."""
 
-    def __init__(self, cfg: OpenAIGenerationCfg, section: str, tokenizer):
+    def __init__(self, cfg: EndpointCfg, section: str, tokenizer):
         from persona_ops.inference.openai_client import OpenAIEndpoint
 
         if not cfg.model:

@@ -12,6 +12,12 @@ and reads only the row's real columns (:mod:`persona_ops.kernels.triton_attentio
 fp32 logits on the device. On CPU the same loop runs eagerly, attending only over the filled
 part of the cache.
 
+Attention logit softcapping and sliding windows (Gemma-2) follow HF's eager attention: scores
+``softcap * tanh(scores / softcap)`` before the mask, in fp32 (explicit matmul attention: SDPA
+and the Triton kernel have neither), and on sliding layers a query sees the keys among the last
+``sliding_window`` positions, itself included. Window distances are position ids, kept per
+cache column and per decode step in tensors, so the captured decode step stays static.
+
 Left padding: prompts are right-aligned; padding columns are masked out of every attention
 and never steered (see :mod:`persona_ops.interp.interventions` for the positions semantics); each
 row's position ids count its real tokens only, as in HF ``generate``.
@@ -33,6 +39,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from persona_ops.chat import encode
+from persona_ops.errors import InputError
 from persona_ops.kernels.compile import compiled_blocks
 from persona_ops.kernels.cpu_linear import packed_linears
 from persona_ops.inference.sampling import SamplingParams
@@ -48,6 +55,9 @@ FUSED_DECODE = True  # CUDA: Triton decode attention (benches switch it off for 
 _PREFILL_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 _WARMED: set = set()  # (model id, compiled, fused attention, batch, cache length): decode steps already run once
 _SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}  # per device: where warm-ups and captures run
+_SCORES_BUDGET = 1 << 26  # fp32 scores per chunk of the explicit prefill attention (256 MiB)
+# attention arguments HF passes for features the engine does not implement: the feature's name
+_UNSUPPORTED = {"s_aux": "attention sinks", "sinks": "attention sinks", "position_bias": "a relative position bias"}
 
 
 class KVStore:
@@ -55,7 +65,8 @@ class KVStore:
 
     Prefill runs in row groups (length-sorted rows, little padding); each group writes its
     rows ``rows`` and the right-aligned columns ``cols`` of the buffers, which are allocated on
-    the first group's forward. Decode steps write column ``slot`` of every row.
+    the first group's forward. Decode steps write column ``slot`` of every row. ``positions``
+    (each column's position id) and ``step_pos`` (the decode token's) place sliding windows.
     """
 
     def __init__(self, batch: int, max_len: int, kv_len: int | None = None):
@@ -68,10 +79,15 @@ class KVStore:
         self.kv_len: int | None = kv_len  # eager decode: attend over the first kv_len columns only
         self.start: torch.Tensor | None = None  # [B] first real column of each row (left padding before it)
         self.fused = False  # decode attention through the Triton kernel (reads columns start..slot only)
+        self.positions: torch.Tensor | None = None  # [B, max_len] long: position id of each column
+        self.step_pos: torch.Tensor | None = None  # [B, 1] long: position id of the decode token
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-               scale: float | None) -> torch.Tensor:
-        """Store ``k, v`` and attend. ``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``; returns ``[B, T, H, D]``."""
+               scale: float | None, softcap: float | None = None, window: int | None = None) -> torch.Tensor:
+        """Store ``k, v`` and attend. ``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``; returns ``[B, T, H, D]``.
+
+        ``softcap`` caps the scores (``softcap * tanh(s / softcap)``); ``window`` limits each query
+        to the keys among its last ``window`` positions."""
         b, h, t, d = q.shape
         hkv = k.shape[1]
         group = h // hkv
@@ -81,30 +97,66 @@ class KVStore:
                 self.values[layer] = v.new_zeros(self.batch, hkv, self.max_len, v.shape[-1])
             self.keys[layer][self.rows, :, self.cols] = k
             self.values[layer][self.rows, :, self.cols] = v
+            if window is not None:
+                pos = self.positions[self.rows, self.cols]
+                mask = _window_mask(mask, pos, pos, window)
+            if softcap is not None:
+                return prefill_attention(q, k, v, mask, scale or d ** -0.5, softcap).transpose(1, 2)
             if group > 1:
                 k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
             with sdpa_kernel(_PREFILL_BACKENDS):  # deterministic forward kernels with a mask
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             return out.transpose(1, 2)
         keys, values = self.keys[layer], self.values[layer]
-        if self.fused:
+        if self.fused and softcap is None and window is None:
             return _fused_attention()(q, k, v, keys, values, self.start, self.slot, scale or d ** -0.5)
         keys.index_copy_(2, self.slot, k)
         values.index_copy_(2, self.slot, v)
+        positions = self.positions
         if self.kv_len is not None:
             keys, values, mask = keys[:, :, :self.kv_len], values[:, :, :self.kv_len], mask[..., :self.kv_len]
+            positions = positions[:, :self.kv_len]
+        if window is not None:
+            mask = _window_mask(mask, self.step_pos, positions, window)
         # one query token: fold the query heads of a kv group into the query axis (no kv repeat)
-        out = decode_attention(q.reshape(b, hkv, group * t, d), keys, values, mask, scale or d ** -0.5)
+        out = decode_attention(q.reshape(b, hkv, group * t, d), keys, values, mask, scale or d ** -0.5, softcap)
         return out.reshape(b, h, t, -1).transpose(1, 2)
 
 
+def _window_mask(mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Additive ``mask [B, 1, T, S]`` with the keys ``window`` or more positions before their
+    query masked out (HF's sliding window: ``kv_idx > q_idx - sliding_window``).
+    ``q_pos [B, T]`` and ``k_pos [B, S]`` are position ids."""
+    far = q_pos[:, None, :, None] - k_pos[:, None, None, :] >= window
+    return mask.masked_fill(far, torch.finfo(mask.dtype).min)
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, softcap: float | None = None) -> torch.Tensor:
     """Attention of a few query rows per kv head over the cache, as two batched matrix-vector
     products (deterministic; on CPU, and on CUDA where Triton is missing).
-    ``q [B, Hkv, G, D]``, ``keys/values [B, Hkv, S, D]``, additive ``mask [B, 1, 1, S]``."""
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale + mask.float()
+    ``q [B, Hkv, G, D]``, ``keys/values [B, Hkv, S, D]``, additive ``mask [B, 1, 1, S]`` (any
+    leading dimensions that broadcast); ``softcap`` caps the scores before the mask."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + mask.float()
     return torch.matmul(scores.softmax(-1).to(values.dtype), values)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                      softcap: float | None) -> torch.Tensor:
+    """Masked attention as explicit matmuls (logit softcapping, which SDPA lacks), in query chunks
+    of bounded fp32 score size. ``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``, additive
+    ``mask [B, 1, T, T]``; returns ``[B, H, T, D]``."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    q = q.reshape(b, hkv, h // hkv, t, d)  # the query heads of a kv group share its keys (no kv repeat)
+    k, v, mask = k[:, :, None], v[:, :, None], mask[:, :, None]
+    step = max(1, _SCORES_BUDGET // (b * h * t))
+    out = [decode_attention(q[..., i:i + step, :], k, v, mask[..., i:i + step, :], scale, softcap)
+           for i in range(0, t, step)]
+    return torch.cat(out, -2).reshape(b, h, t, -1)
 
 
 @functools.cache
@@ -136,9 +188,13 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     if store is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
-        raise NotImplementedError("the generation engine supports full attention without softcapping only")
-    return store.attend(module.layer_idx, query, key, value, attention_mask, scaling), None
+    for name, feature in _UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            model = getattr(getattr(module, "config", None), "model_type", type(module).__name__)
+            raise InputError(f"{model} attention uses {feature} ({name}), which the generation engine "
+                             "does not support")
+    return store.attend(module.layer_idx, query, key, value, attention_mask, scaling,
+                        softcap=kwargs.get("softcap"), window=kwargs.get("sliding_window")), None
 
 
 AttentionInterface.register(ATTN_NAME, _attention)
@@ -268,6 +324,8 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
     fused = dev.type == "cuda" and FUSED_DECODE and _fused_attention() is not None
     store = KVStore(b, max_len, kv_len=None if (graph or fused) else plen)
     store.start, store.fused = (~real).sum(1), fused
+    # decode columns continue each row's positions
+    store.positions = torch.cat([pos, pos[:, -1:] + torch.arange(1, max_len - plen + 1, device=dev)], 1)
     out = torch.full((b, new), pad, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
 
@@ -307,6 +365,7 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
         store.slot = torch.tensor([plen], dtype=torch.long, device=dev)
         tok = nxt[:, None].clone()
         step_pos = pos[:, -1:].clone() + 1
+        store.step_pos = step_pos  # advanced in place with the step, like slot
         bias = torch.full((b, 1, 1, max_len), neg, dtype=dtype, device=dev)
         bias[:, 0, 0, :plen] = torch.where(real, 0.0, neg).to(dtype)
         if steerer is not None:
@@ -348,7 +407,7 @@ def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sa
         return []
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
-    dev = loaded.device
+    dev = loaded.activate().device
     graph = (dev.type == "cuda") if cuda_graph is None else (cuda_graph and dev.type == "cuda")
     eos_list = stop_ids(loaded) if eos_ids is None else list(eos_ids)
     eos = torch.tensor(eos_list, dtype=torch.long, device=dev)

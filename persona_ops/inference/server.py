@@ -117,6 +117,7 @@ def _score_choices(loaded: LoadedModel, prompt: list[int], choices: list[Generat
     """
     from persona_ops.interp.interventions import Steerer, teacher_forced_masks
 
+    loaded.activate()
     steerer = Steerer(loaded.layers, interventions) if interventions else None
     with steerer if steerer is not None else contextlib.nullcontext():
         for choice in choices:
@@ -272,7 +273,7 @@ def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict 
     """
     app = FastAPI(title="persona-ops model server")
     vectors, adapters = dict(vectors or {}), dict(adapters or {})
-    current = {"adapter": None, "model": loaded}  # the adapter applied now (switched per request)
+    pool, base = _pool_of(loaded)  # adapters attached once, switched per request
     lock = threading.Lock()
     token_bytes = TokenBytes(loaded.tokenizer)
     created = int(time.time())
@@ -326,7 +327,7 @@ def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict 
         if req.capping is not False:
             interventions += capping or []  # last: the cap holds whatever the request steers
         with lock:
-            model = _switch_adapter(current, loaded, adapters, req.adapter)
+            model = pool.get(base.resolved(adapters[req.adapter]) if req.adapter else base)
             choices, prompt_tokens = sample_chat(
                 model, [m.as_dict() for m in req.messages], interventions=interventions,
                 max_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
@@ -347,15 +348,15 @@ def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict 
     return app
 
 
-def _switch_adapter(current: dict, base: LoadedModel, adapters: dict, name: str | None) -> LoadedModel:
-    """The model for a request: the base, or the base with adapter ``name`` (loaded on change)."""
-    if current["adapter"] != name:
-        from persona_ops.models.adapters import load_adapter_checkpoint, unload_adapter
+def _pool_of(loaded: LoadedModel):
+    """A model pool holding the served base model, and the reference naming it."""
+    from persona_ops.models.pool import ModelPool
+    from persona_ops.models.refs import ModelRef
 
-        plain = unload_adapter(current["model"]) if current["adapter"] else base
-        current["model"] = load_adapter_checkpoint(plain, adapters[name]) if name else plain
-        current["adapter"] = name
-    return current["model"]
+    base = ModelRef(name=loaded.label)
+    pool = ModelPool()
+    pool.add(base, loaded)
+    return pool, base
 
 
 def _choice_json(index: int, choice: GeneratedChoice, logprobs: bool, top_k: int,

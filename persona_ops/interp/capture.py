@@ -247,6 +247,7 @@ def capture_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], ans
         raise InputError("aggregate 'none' needs shard_dir")
     if any(len(p) == 0 for p in prompt_ids):
         raise InputError("every sample needs at least one prompt token")
+    loaded.activate()
     n, hidden = len(prompt_ids), loaded.hidden_size
     layer_list = _resolve_layers(layers, loaded.num_layers)
     col = _Collector(layer_list, aggregates, final_norm(loaded), loaded.num_layers)

@@ -9,10 +9,10 @@ convention, trait, model, sample counts and provenance (JSON strings).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -22,12 +22,15 @@ from persona_ops.io import atomic_path
 LAYER_CONVENTION = "row L = hidden_states[L]; 0 = embedding output, L>=1 = output of decoder block L-1"
 
 
-@dataclass(frozen=True)
-class FilterThresholds:
+class FilterThresholds(BaseModel):
+    """Which judged pos/neg pairs a persona vector is made from (``persona_vectors.filter``);
+    the defaults are persona_vectors' (50 / 50 / 50)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
     pos_min: float = 50.0
     neg_max: float = 50.0
     coherence_min: float = 50.0
-    min_pairs: int = 1
+    min_pairs: int = Field(1, ge=1)
 
 
 def pair_key(rec: dict) -> tuple:
@@ -65,10 +68,10 @@ def require_pairs(n_passed: int, n_total: int, th: FilterThresholds, trait: str)
     if n_passed < th.min_pairs:
         raise InputError(
             f"{trait}: only {n_passed} of {n_total} pos/neg pairs passed the filter "
-            f"(need filter.min_pairs={th.min_pairs}). Thresholds: pos trait >= filter.pos_min={th.pos_min}, "
-            f"neg trait < filter.neg_max={th.neg_max}, coherence >= filter.coherence_min={th.coherence_min}. "
-            "Lower a threshold (e.g. -S filter.coherence_min=30), raise generate.n_per_question, "
-            "or use a stronger judge (judge.backend=openai).")
+            f"(need persona_vectors.filter.min_pairs={th.min_pairs}). Thresholds: pos trait >= pos_min={th.pos_min}, "
+            f"neg trait < neg_max={th.neg_max}, coherence >= coherence_min={th.coherence_min}. "
+            "Lower a threshold (e.g. -S persona_vectors.filter.coherence_min=30), raise "
+            "persona_vectors.generate.n_per_question, or use a stronger judge (persona_vectors.judge.backend=openai).")
 
 
 def mean_difference(pos: dict[str, torch.Tensor], neg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -90,6 +93,14 @@ def load_vectors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         raise InputError(f"{path}: file not found")
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def load_aggregate(path: str | Path, aggregate: str) -> torch.Tensor:
+    """The ``[num_layers + 1, hidden]`` tensor of one aggregate of a vector file."""
+    vecs, _ = load_vectors(path)
+    if aggregate not in vecs:
+        raise InputError(f"{path}: no {aggregate!r} tensor (has {sorted(vecs)})")
+    return vecs[aggregate]
 
 
 def decode_metadata(raw: dict[str, str]) -> dict:

@@ -143,35 +143,33 @@ class CachedJudge:
         return [r.score for r in self.score_details(prompts, lo, hi)]
 
 
-def make_judge(backend: str, model: str, *, base_url: str | None = None,
-               api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 16, max_retries: int = 5,
-               timeout: float = 60.0, cache_path: str | os.PathLike | None = None, batch_size: int = 4,
-               revision: str | None = None, dtype: str = "auto", device: str = "auto",
-               loaded=None, answer_prefix: str = "") -> CachedJudge:
-    """Build a cached judge.
+def make_judge(cfg, root: str | os.PathLike = ".", load=None) -> CachedJudge:
+    """The cached judge a ``JudgeCfg`` describes (the one way a judge is built).
 
-    ``backend``: ``local`` (``model`` is loaded with ``persona_ops.models.loading.load_model``
-    unless an already loaded ``LoadedModel`` is passed as ``loaded``) or ``openai``
-    (any OpenAI-compatible endpoint at ``base_url``). ``cache_path`` defaults to
-    ``<persona-ops cache>/judge/scores.sqlite``; ``":memory:"`` disables persistence.
+    ``local``: the judge model ``cfg.model_ref()``, loaded by ``load`` (a stage's ``io.model``:
+    the run's shared pool) or here; ``openai``: ``cfg.openai`` names the server and the served
+    model. The cache is ``cfg.cache`` under ``root`` (``":memory:"`` keeps nothing).
     """
-    if cache_path is None:
-        from persona_ops.models.loading import cache_dir
-
-        cache_path = cache_dir() / "judge" / "scores.sqlite"
-    if backend == "local":
+    cache = cfg.cache if cfg.cache == ":memory:" else Path(root) / cfg.cache
+    if cfg.backend == "local":
         from persona_ops.judge.local import LocalJudge
 
-        if loaded is None:
+        ref = cfg.model_ref()
+        if load is None:
             from persona_ops.models.loading import load_model
 
-            loaded = load_model(model, revision=revision, dtype=dtype, device=device)
-        judge = LocalJudge(loaded, batch_size=batch_size, answer_prefix=answer_prefix)
-    elif backend == "openai":
+            loaded = load_model(ref.name, ref.revision, dtype=ref.dtype, device=ref.device)
+        else:
+            loaded = load(ref)
+        judge = LocalJudge(loaded, batch_size=cfg.batch_size, answer_prefix=cfg.answer_prefix)
+    elif cfg.backend == "openai":
         from persona_ops.judge.openai_backend import OpenAIJudge
 
-        judge = OpenAIJudge(model, base_url=base_url, api_key_env=api_key_env,
-                            max_concurrency=max_concurrency, max_retries=max_retries, timeout=timeout)
+        o = cfg.openai
+        if not o.model:
+            raise InputError("judge.openai.model: the served model's name is required with judge.backend=openai")
+        judge = OpenAIJudge(o.model, base_url=o.base_url, api_key_env=o.api_key_env,
+                            max_concurrency=o.max_concurrency, max_retries=o.max_retries, timeout=o.timeout)
     else:
-        raise InputError(f"judge.backend: expected local|openai, got {backend!r}")
-    return CachedJudge(judge, JudgeCache(cache_path))
+        raise InputError(f"judge.backend: expected local|openai, got {cfg.backend!r}")
+    return CachedJudge(judge, JudgeCache(cache))

@@ -139,6 +139,7 @@ class LocalJudge:
 
     def number_probs(self, prompts: list[str], lo: int = 0, hi: int = 100) -> list[dict[int, float]]:
         """``p_k`` for every integer ``k`` in ``[lo, hi]``, for each prompt."""
+        self.loaded.activate()
         trie = self.trie(lo, hi)
         encoded = [self.render(p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths together

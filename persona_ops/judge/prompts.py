@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from persona_ops.errors import InputError
 
 COHERENCE_PROMPT = """I am checking whether a language model's answer is coherent. Judge only the \
@@ -42,3 +45,17 @@ def fill_template(template: str, question: str, answer: str) -> str:
     # Split on {answer} first so that text inserted for {question} cannot be mistaken for a placeholder.
     parts = template.split("{answer}")
     return answer.join(part.replace("{question}", question) for part in parts)
+
+
+def coherence_prompt(path: str | None = None, root: str | os.PathLike = ".") -> str:
+    """The coherence judge prompt: the project's own (:data:`COHERENCE_PROMPT`), or a text file
+    with ``{question}`` and ``{answer}`` (e.g. a paper's exact wording)."""
+    if not path:
+        return COHERENCE_PROMPT
+    file = Path(root) / path
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{file}: cannot read the coherence prompt: {e}") from None
+    fill_template(text, "", "")  # both placeholders present
+    return text

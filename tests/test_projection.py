@@ -1,3 +1,5 @@
+"""Projections of texts onto persona vectors, checked against a direct computation."""
+
 import json
 
 import pytest
@@ -5,7 +7,6 @@ import torch
 
 from persona_ops.chat import encode
 from persona_ops.errors import InputError
-from persona_ops.pipelines.monitoring import SteeringParams, summarize, sweep_points
 from persona_ops.interp.projection import column, load_texts, project, shift
 
 PROMPTS = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
@@ -52,15 +53,3 @@ def test_load_texts_reads_chat_jsonl_generations_and_csv(tmp_path, smol_tokenize
     bad.write_text(json.dumps({"text": "x"}) + "\n")
     with pytest.raises(InputError, match=r"bad.jsonl:1: expected 'messages'"):
         load_texts(bad, smol_tokenizer)
-
-
-def test_sweep_points_and_best_point():
-    sp = SteeringParams(layers=[5, 10], coefs=[0.0, 2.0], kinds=["add"])
-    points = sweep_points(sp)
-    assert len(points) == 4 and points[1] == {"kind": "add", "layer": 5, "coef": 2.0}
-    rows = [{"point": 0, "trait_score": 10, "coherence": 90}, {"point": 1, "trait_score": 80, "coherence": 20},
-            {"point": 2, "trait_score": 40, "coherence": 70}, {"point": 3, "trait_score": None, "coherence": 60}]
-    res = summarize(points, rows, coherence_min=50)
-    assert res["best"]["layer"] == 10 and res["best"]["coef"] == 0.0  # point 1 is incoherent
-    assert res["points"][3]["trait_score"] is None
-    assert summarize(points, rows, coherence_min=95)["best"] is None

@@ -1,0 +1,372 @@
+"""Running stage items: the one execution path, whoever starts it (a Prefect flow, ``dvc repro``
+through ``persona-ops stage``, or a test).
+
+For one item the runner builds the stage's view of the params (per-item overrides merged, model
+references resolved to directories), its resolved paths and a :class:`StageIO` over the run's
+shared model pool; runs the stage inside an MLflow run (in the running pipeline's experiment,
+nested under its run); writes the metrics file and one provenance record beside every output;
+and registers the declared outputs. Tracking failures never change outputs: the stage then
+runs untracked, with a warning. Given a DVC :class:`~persona_ops.pipelines.dvc.Workspace`,
+an item DVC already has is skipped and a computed item is committed to ``dvc.lock``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import BaseModel
+
+from persona_ops.errors import InputError
+from persona_ops.io import md5_file, write_json
+from persona_ops.models.refs import ModelRef, StageAdapter, slug
+from persona_ops.pipelines import registry
+from persona_ops.pipelines.params import Params
+from persona_ops.pipelines.registry import Task
+from persona_ops.pipelines.stage import Item, Stage, StageIO, View, fill
+from persona_ops.provenance import make_record, relative, sidecar, write_sidecars
+
+log = logging.getLogger(__name__)
+PARENT_RUN_ENV = "PERSONA_OPS_PARENT_RUN_ID"
+EXPERIMENT_ENV = "PERSONA_OPS_EXPERIMENT"
+
+
+@dataclass
+class Context:
+    """What the stage items of one run share."""
+
+    root: Path
+    params: Params
+    pool: Any = None  # persona_ops.models.pool.ModelPool, made on first use
+    pipeline: str | None = None  # the running pipeline: the MLflow experiment (else the stage's own)
+    parent_run_id: str | None = None
+    workspace: Any = None  # persona_ops.pipelines.dvc.Workspace: skip what DVC has, commit what ran
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+        if self.pool is None:
+            from persona_ops.models.pool import ModelPool
+
+            self.pool = ModelPool()
+
+    @property
+    def tracking(self) -> bool:
+        return self.params.tracking.enabled
+
+
+@dataclass
+class Outcome:
+    task: str
+    state: str  # "ran" | "up to date"
+    metrics: dict = field(default_factory=dict)
+    run_id: str | None = None
+    record: dict | None = None
+
+
+# --- the stage's view of the params -------------------------------------------------------------
+
+def _replace(obj: Any, key: str, value: Any) -> Any:
+    """``obj`` (a pydantic model) with the value at dotted ``key`` replaced."""
+    head, _, rest = key.partition(".")
+    if isinstance(obj, dict):
+        return {**obj, head: _replace(obj[head], rest, value) if rest else value}
+    current = getattr(obj, head)
+    return obj.model_copy(update={head: _replace(current, rest, value) if rest else value})
+
+
+def _map_refs(value: Any, fn) -> Any:
+    """``value`` with every ``ModelRef`` inside replaced by ``fn(ref)`` (others kept as they are)."""
+    if isinstance(value, ModelRef):
+        return fn(value)
+    if isinstance(value, BaseModel):
+        updates = {k: _map_refs(getattr(value, k), fn) for k in type(value).model_fields}
+        changed = {k: v for k, v in updates.items() if v is not getattr(value, k)}
+        return value.model_copy(update=changed) if changed else value
+    if isinstance(value, dict):
+        new = {k: _map_refs(v, fn) for k, v in value.items()}
+        return new if any(new[k] is not value[k] for k in value) else value
+    if isinstance(value, list):
+        new = [_map_refs(v, fn) for v in value]
+        return new if any(a is not b for a, b in zip(new, value)) else value
+    return value
+
+
+def resolve_ref(ref: ModelRef, where: str, params: Params, root: Path) -> ModelRef:
+    """``ref`` with its adapter (a ``{stage: ...}``, a ``models:/`` URI or a project path) replaced
+    by an absolute directory; ``adapter_source`` keeps the project path or the pinned URI."""
+    if isinstance(ref.adapter, StageAdapter):
+        from persona_ops.models.adapters import checkpoint_dir
+
+        run_dir = registry.adapter_run_dir(ref, where, params, root)
+        path = checkpoint_dir(run_dir, ref.adapter.checkpoint)
+        return ref.resolved(str(path.resolve()), source=relative(path, root))
+    if isinstance(ref.adapter, str) and not ref.needs_resolution and ref.adapter_source is None:
+        path = Path(root) / ref.adapter
+        return ref.resolved(str(path.resolve()), source=relative(path, root))
+    if ref.needs_resolution:
+        from persona_ops.tracking.registry import resolve, version_of
+
+        version = version_of(ref.adapter)
+        target = Path(root) / "cache" / "registry" / version.name / str(version.version)
+        if not target.exists():
+            resolve(version.uri, dst=target)
+        local = next(p for p in target.iterdir() if not p.name.endswith(".prov.json"))
+        return ref.resolved(str(local.resolve()), source=version.uri)
+    return ref
+
+
+def stage_view(stage: Stage, params: Params, item: Item | None, root: Path, resolve: bool = True
+               ) -> tuple[View, Item | None]:
+    """What the stage sees: the declared params (per-item overrides merged, model references
+    resolved when ``resolve``) and its item (its value's model references resolved too)."""
+    if stage.per_item and item is not None:
+        section = stage.per_item.rsplit(".", 1)[0]
+        params = _replace(params, section, registry.lookup(params, section).for_item(item.name))
+    if resolve:
+        for key in stage.params:
+            value = registry.lookup(params, key)
+            new = _map_refs(value, lambda r, k=key: resolve_ref(r, k, params, root))
+            if new is not value:
+                params = _replace(params, key, new)
+        if item is not None and isinstance(item.value, BaseModel):
+            where = f"{stage.items.each}.{item.name}"
+            item = Item(item.name, _map_refs(item.value, lambda r: resolve_ref(r, where, params, root)))
+    return View(params, stage.params), item
+
+
+def declared_params(stage: Stage, view: View, item: Item | None) -> dict[str, Any]:
+    """The declared params' values (JSON-ready): what MLflow and provenance record."""
+    out = {}
+    for key in stage.params:
+        value = registry.lookup(view._obj, key)
+        out[key] = value.model_dump(mode="json") if isinstance(value, BaseModel) else _jsonable(value)
+    if item is not None:
+        value = item.value
+        out["item"] = value.model_dump(mode="json") if isinstance(value, BaseModel) else _jsonable(value)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: v.model_dump(mode="json")
+                                 if isinstance(v, BaseModel) else str(v)))
+
+
+def make_io(task: Task, ctx: Context, resolve: bool = True) -> tuple[View, StageIO]:
+    """The stage's view and io for one item (paths resolved, the run's model pool)."""
+    view, item = stage_view(task.stage, ctx.params, task.item, ctx.root, resolve)
+    io = StageIO(task.stage, item, ctx.root, registry.input_paths(task.stage, ctx.params, task.item, ctx.root),
+                 registry.outputs(task.stage, ctx.params, task.item, ctx.root), ctx.pool)
+    return view, io
+
+
+# --- checks before anything runs ----------------------------------------------------------------------
+
+def check(tasks: list[Task], ctx: Context) -> None:
+    """Every input of every task exists or is made by an earlier task, every model reference
+    resolves, and each stage's own input check passes; before any model is loaded."""
+    made: set[Path] = set()
+
+    def will_exist(p: Path) -> bool:
+        p = p.resolve()
+        return p.exists() or any(p == m or m in p.parents for m in made)
+
+    for task in tasks:
+        view, io = make_io(task, ctx, resolve=False)
+        paths = [p for v in io._inputs.values() for p in (v.values() if isinstance(v, dict) else
+                                                           v if isinstance(v, list) else [v])]
+        for p in paths:
+            if not will_exist(p):
+                raise InputError(f"stage {task.name}: input {relative(p, ctx.root)} does not exist and no "
+                                 "earlier stage of this run makes it")
+        for where, ref in registry.model_refs(task.stage, ctx.params, task.item):
+            if isinstance(ref.adapter, StageAdapter):
+                run_dir = registry.adapter_run_dir(ref, where, ctx.params, ctx.root)
+                if not will_exist(run_dir):
+                    raise InputError(f"{where}.adapter: stage {ref.adapter.stage} has not made {relative(run_dir, ctx.root)} "
+                                     "and does not run before this stage")
+            elif ref.needs_resolution:
+                from persona_ops.tracking.registry import version_of
+
+                version_of(ref.adapter)
+            elif ref.adapter and not will_exist(ctx.root / ref.adapter):
+                raise InputError(f"{where}.adapter: {ref.adapter} does not exist and no earlier stage of this "
+                                 "run makes it")
+            elif ref.adapter and (ctx.root / ref.adapter).exists():
+                from persona_ops.models.adapters import check_checkpoint
+
+                check_checkpoint(ctx.root / ref.adapter)
+        if task.stage.check is not None:
+            try:
+                task.stage.check(view, io)
+            except InputError as e:
+                raise InputError(f"stage {task.name}: {e}") from None
+        made.update(p.resolve() for p in registry.outputs(task.stage, ctx.params, task.item, ctx.root).values())
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+class _Tracker:
+    """An MLflow run that never breaks a stage: the first failure is logged and tracking stops."""
+
+    def __init__(self, run):
+        self.run = run
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.run_id if self.run else None
+
+    def __getattr__(self, name: str):
+        method = getattr(self.run, name) if self.run else None
+
+        def call(*args, **kwargs):
+            if self.run is None:
+                return None
+            try:
+                return method(*args, **kwargs)
+            except Exception as e:
+                log.warning("MLflow: %s failed (%s: %s); the stage goes on untracked", name, type(e).__name__, e)
+                self.run = None
+        return call
+
+
+@contextmanager
+def _tracked(task: Task, ctx: Context, params: dict) -> Iterator[_Tracker]:
+    if not ctx.tracking:
+        yield _Tracker(None)
+        return
+    try:
+        from persona_ops.tracking import runs, store
+
+        store.configure(ctx.root)
+        experiment = ctx.pipeline or os.environ.get(EXPERIMENT_ENV) or task.stage.pipeline
+        parent = ctx.parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
+        tags = {"persona_ops.stage": task.stage.name, "persona_ops.item": task.item.name if task.item else "",
+                "persona_ops.pipeline": experiment, "dvc.stage": task.name}
+        cm = runs.start_run(experiment, task.name, parent_run_id=parent, params=params, tags=tags,
+                            project_root=ctx.root)
+        run = cm.__enter__()
+    except Exception as e:  # the store is down or unreachable: outputs must not depend on it
+        log.warning("MLflow at %s is unavailable (%s: %s); %s runs untracked",
+                    os.environ.get("MLFLOW_TRACKING_URI", "the project store"), type(e).__name__, e, task.name)
+        yield _Tracker(None)
+        return
+    tracker = _Tracker(run)
+    try:
+        yield tracker
+    except BaseException as e:
+        _exit(cm, e)
+        raise
+    _exit(cm, None)
+
+
+def _exit(cm, error) -> None:
+    try:
+        cm.__exit__(type(error) if error else None, error, error.__traceback__ if error else None)
+    except Exception as e:
+        if e is not error:
+            log.warning("MLflow: ending the run failed (%s)", e)
+
+
+def _all_inputs(io: StageIO) -> list[tuple[str, Path]]:
+    out = []
+    for name, value in io._inputs.items():
+        if isinstance(value, dict):
+            out += [(f"{name}[{k}]", p) for k, p in value.items()]
+        elif isinstance(value, list):
+            out += [(name, p) for p in value]
+        else:
+            out.append((name, value))
+    return [(n, p) for n, p in out + io.used if p.exists()]
+
+
+def execute(task: Task, ctx: Context, **stage_kwargs) -> Outcome:
+    """Run one stage item now (no DVC check): the stage, its metrics file, provenance, MLflow."""
+    stage = task.stage
+    view, io = make_io(task, ctx)
+    metrics_path = registry.metrics_path(stage, task.item, ctx.root)
+    params = declared_params(stage, view, io.item)
+    with _tracked(task, ctx, params) as run:
+        metrics = stage.fn(view, io, **stage_kwargs) or {}
+        missing = [n for n, p in io._outputs.items() if not p.exists()]
+        if missing:
+            raise RuntimeError(f"stage {task.name} did not write its declared outputs {missing}")
+        write_json(metrics_path, metrics)
+        record = make_record(stage=stage.name, item=task.item.name if task.item else None,
+                             pipeline=ctx.pipeline or stage.pipeline, run_id=run.run_id, params=params,
+                             inputs=_all_inputs(io), outputs=list(io._outputs.items()), models=io.models,
+                             root=ctx.root, extra=io.extra)
+        write_sidecars(record, ctx.root)
+        model = io.labels[0] if io.labels else None
+        run.log_metrics(metrics)
+        run.set_tags({"model": model, "git.commit": record["code"]["git_commit"],
+                      **{f"input.{e['path']}.sha256": e["sha256"] for e in record["inputs"]},
+                      **{f"dvc.{o['path']}.md5": md5_file(ctx.root / o["path"]) for o in record["outputs"]
+                         if (ctx.root / o["path"]).is_file()}})
+        run.log_inputs(record["inputs"], ctx.root)
+        run.log_artifact(metrics_path)
+        record["registered"] = _register(task, ctx, view, io, run) if run.run_id else []
+        run.log_json(record, "provenance.json")
+    return Outcome(task.name, "ran", metrics, run.run_id, record)
+
+
+def _register(task: Task, ctx: Context, view: View, io: StageIO, run: _Tracker) -> list[dict]:
+    if not ctx.params.tracking.register_outputs:
+        return []
+    from persona_ops.models.adapters import checkpoint_dir, is_checkpoint
+    from persona_ops.tracking.registry import register
+
+    done = []
+    for reg in task.stage.registers:
+        path = io.output(reg.output)
+        if reg.kind == "lora-adapter" and not is_checkpoint(path):
+            path = checkpoint_dir(path, "final")  # a training run: its final checkpoint
+        refs = registry.model_refs(task.stage, view._obj, io.item)  # the stage's first declared model
+        model_slug = slug(refs[0][1]) if refs else "model"
+        name = fill(reg.name, _registry_fields(task, ctx, model_slug))
+        version = register(name, path, kind=reg.kind, run_id=run.run_id, source_path=relative(path, ctx.root),
+                           model=io.labels[0] if io.labels else None, sidecar=sidecar(io.output(reg.output)),
+                           alias=ctx.params.tracking.alias)
+        if version is not None:
+            done.append({"name": name, "version": version, "kind": reg.kind, "output": reg.output})
+            run.set_tags({f"registered.{name}": str(version)})
+    return done
+
+
+def _registry_fields(task: Task, ctx: Context, model_slug: str):
+    def get(field: str) -> Any:
+        if field == "item":
+            return task.item.name
+        if field == "model":
+            return model_slug
+        return registry.lookup(ctx.params, field)
+    return get
+
+
+def run(task: Task, ctx: Context) -> Outcome:
+    """Run one stage item unless DVC has it up to date; commit it to DVC after it ran (with a
+    workspace), then tag its MLflow run with the lock's md5s."""
+    if ctx.workspace is not None and ctx.workspace.is_current(task.name):
+        return Outcome(task.name, "up to date")
+    outcome = execute(task, ctx)
+    if ctx.workspace is not None:
+        from persona_ops.pipelines.dvc import md5s
+
+        entry = ctx.workspace.commit(task.name)
+        if outcome.run_id:
+            _tag_md5s(outcome.run_id, md5s(entry))
+    return outcome
+
+
+def _tag_md5s(run_id: str, md5: dict[str, str]) -> None:
+    try:
+        from persona_ops.tracking.runs import StageRun
+
+        StageRun(run_id, "").set_tags({f"dvc.{p}.md5": m for p, m in md5.items()})
+    except Exception as e:
+        log.warning("MLflow: tagging %s with DVC md5s failed (%s)", run_id, e)
+

@@ -1,0 +1,55 @@
+"""Safe item names: what may become a file, DVC stage or shell word."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from persona_ops.errors import InputError
+from persona_ops.names import SAFE_NAME, Name, check_name, is_safe_name
+
+GOOD = ["evil", "drill_sergeant", "step-12", "qwen3.5", "1", "A", "x" * 100]
+BAD = ["e;touch x", "e$(id)", "a b", "..", ".", "", ".hidden", "-rf", "_x", "a..b", "a/b", "a\\b",
+       "a\nb", "evil\n", "x" * 101, "ünï", "a*", "`id`", "a'b", "a:b"]
+
+
+@pytest.mark.parametrize("name", GOOD)
+def test_good_names(name):
+    assert is_safe_name(name) and SAFE_NAME.match(name)
+    assert check_name(name, "trait") == name
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_names(name):
+    assert not is_safe_name(name)
+    assert SAFE_NAME.search(name) is None  # anchored: no safe part of an unsafe name matches
+    with pytest.raises(InputError) as info:
+        check_name(name, "trait", "data/traits/extract")
+    msg = str(info.value)
+    assert msg.startswith(f"data/traits/extract: trait {name!r} is not a usable name: expected letters, ")
+    assert "(it names files, DVC stages and shell words)" in msg
+
+
+def test_check_name_without_where_and_non_strings():
+    with pytest.raises(InputError, match=r"^role 'a b' is not a usable name: expected"):
+        check_name("a b", "role")
+    assert not is_safe_name(None) and not is_safe_name(3)  # type: ignore[arg-type]
+
+
+class Params(BaseModel):
+    name: Name = "evil"
+    names: list[Name] = []
+
+
+def test_pydantic_name_type():
+    assert Params(names=["evil", "qwen3.5"]).names == ["evil", "qwen3.5"]
+    assert Params(name="drill_sergeant").name == "drill_sergeant"
+    with pytest.raises(ValidationError) as info:
+        Params(names=["evil", "e;touch x"])
+    (err,) = info.value.errors()
+    assert err["loc"] == ("names", 1)
+    assert "'e;touch x' is not a usable name: expected letters" in err["msg"]
+    with pytest.raises(ValidationError):
+        Params(name="..")
+    with pytest.raises(ValidationError):
+        Params(name=5)  # type: ignore[arg-type]

@@ -1,0 +1,103 @@
+"""params.yaml: one section per pipeline, typed overrides, unknown keys named with the nearest
+valid one, per-item overrides, in-place edits that keep comments, and what a run writes out."""
+
+import difflib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from persona_ops.errors import InputError
+from persona_ops.pipelines.launch import prepare
+from persona_ops.pipelines.params import apply_overrides, edit_params_file, load_params, validate_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_validate_and_cover_every_trait():
+    p = load_params(ROOT / "params.yaml")
+    assert set(p.persona_vectors.traits.names) <= set(p.persona_vectors.per_trait)
+    assert p.persona_vectors.model.name == "embedded"
+    assert p.persona_space.model.adapter.stage == "finetune"  # a stage reference, not a copied path
+    assert list(p.persona_space.trajectory.checkpoints)[0] == "base"
+
+
+def test_overrides_are_yaml_typed():
+    p = load_params(ROOT / "params.yaml", ["persona_vectors.generate.sampling.max_new_tokens=7",
+                                           "persona_vectors.traits.names=[evil]",
+                                           "persona_vectors.judge.openai.base_url=http://127.0.0.1:1/v1"])
+    assert p.persona_vectors.generate.sampling.max_new_tokens == 7 and p.persona_vectors.traits.names == ["evil"]
+    assert p.persona_vectors.judge.openai.base_url == "http://127.0.0.1:1/v1"
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("persona_vectors.generate.sampling.max_new_tokens=0", r"persona_vectors\.generate\.sampling\.max_new_tokens"),
+    ("persona_vectors.generate.batch_sise=1", r"batch_sise: unknown key; did you mean "
+                                              r"persona_vectors\.generate\.batch_size\?"),
+    ("persona_vectors.judge.backend=gpt", r"persona_vectors\.judge\.backend"),
+    ("persona_vector.model.name=x", r"persona_vector: unknown key; did you mean persona_vectors\?"),
+    ("persona_vectors.traits.names=[evil, a;b]", r"not a usable name"),
+])
+def test_bad_values_name_the_field(tmp_path, override, fragment):
+    with pytest.raises(InputError, match=fragment):
+        load_params(tmp_path / "params.yaml", [override])
+
+
+def test_override_syntax_error():
+    with pytest.raises(InputError, match="key=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_per_trait_overrides_merge_within_their_section():
+    p = validate_params({"persona_vectors": {"traits": {"names": ["evil"]}, "per_trait": {
+        "evil": {"traits": {"assistant_name": "malicious"}, "filter": {"pos_min": 70}}}}})
+    evil = p.persona_vectors.for_item("evil")
+    assert evil.traits.assistant_name == "malicious" and evil.filter.pos_min == 70
+    assert evil.filter.neg_max == p.persona_vectors.filter.neg_max  # untouched keys keep the section's value
+    assert p.persona_vectors.for_item("sycophantic") is p.persona_vectors
+    with pytest.raises(InputError, match=r"per_trait\.evil\.fliter"):
+        validate_params({"persona_vectors": {"per_trait": {"evil": {"fliter": {}}}}})
+
+
+def test_edits_keep_comments_and_layout(tmp_path):
+    path = tmp_path / "params.yaml"
+    text = (ROOT / "params.yaml").read_text()
+    path.write_text(text)
+    assert edit_params_file(path, [(["persona_vectors", "traits", "names"], ["evil", "humorous"]),
+                                   (["persona_vectors", "per_trait", "humorous"], {})])
+    new = path.read_text()
+    assert new.splitlines()[0] == text.splitlines()[0] and "# Keep a pair when pos trait" in new
+    assert "    names: [evil, humorous]\n" in new and "    humorous: {}\n" in new
+    diff = [d for d in difflib.ndiff(text.splitlines(), new.splitlines()) if d[:1] in "+-"]
+    assert diff == ["-     names: [evil, sycophantic, hallucinating]", "+     names: [evil, humorous]",
+                    "+     humorous: {}"]
+    assert not edit_params_file(path, [(["persona_vectors", "traits", "names"], ["evil", "humorous"])])
+
+
+def test_a_run_writes_its_overrides_and_what_dvc_needs(tmp_path):
+    """``persona-ops run -S`` writes the overrides, a per-trait entry for each new trait and the
+    role list behind ``names: null``, and regenerates dvc.yaml."""
+    import shutil
+
+    shutil.copytree(ROOT / "data/roles/instructions", tmp_path / "roles")
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    params = prepare(tmp_path, None, ["persona_vectors.traits.names=[evil,humorous]",
+                                      "persona_space.roles.dir=roles", "persona_space.roles.names=null"])
+    data = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    assert data["persona_vectors"]["per_trait"]["humorous"] == {}
+    names = data["persona_space"]["roles"]["names"]
+    assert names[0] == "default" and len(names) == len(list((tmp_path / "roles").glob("*.json")))
+    assert params.persona_space.roles.names == names
+    assert (tmp_path / "dvc.yaml").read_text().startswith("# Generated by `persona-ops dvc-yaml`")
+
+
+def test_override_from_a_preset_file():
+    p = load_params(ROOT / "params.yaml", [
+        f"persona_space.trajectory=@{ROOT}/presets/trajectories/olmo2-7b-post-training.yaml",
+        f"persona_space.model=@{ROOT}/presets/trajectories/olmo2-7b-reference.yaml"])
+    labels = list(p.persona_space.trajectory.checkpoints)
+    assert labels[:3] == ["base", "sft", "dpo"] and labels[-1] == "instruct" and len(labels) == 10
+    assert p.persona_space.trajectory.checkpoints["rlvr-60"].model.revision == "step_60"
+    assert p.persona_space.model.name == "allenai/OLMo-2-1124-7B-Instruct"
+    with pytest.raises(InputError, match="cannot read"):
+        load_params(ROOT / "params.yaml", ["persona_space.trajectory=@/nonexistent.yaml"])

@@ -75,10 +75,12 @@ def run_pipeline(name: str, params=None, overrides: Optional[list[str]] = None, 
         with _pipeline_run(ctx, overrides) as parent:
             ctx.parent_run_id = parent
             ctx.workspace = Workspace(root_path)
+            def report(outcome: runner.Outcome) -> None:
+                states[outcome.task] = outcome.state
+                print(f"{outcome.task}: {outcome.state}")
+
             try:
-                for task in tasks:
-                    states[task.name] = stage_task(task, ctx)(task, ctx)
-                    print(f"{task.name}: {states[task.name]}")
+                runner.run(tasks, ctx, lambda task, c: stage_task(task, c)(task, c), report)
             finally:
                 ctx.workspace.close()
     return {"pipeline": name, "stages": states, "pipeline_run_id": parent, "model_loads": ctx.pool.loads}

@@ -1,4 +1,4 @@
-"""Atomic file writes, content hashes and provenance: the file interface between stages.
+"""Atomic file writes, content hashes and the code version: the file interface between stages.
 
 Every write goes to a temporary file in the target directory and is renamed into
 place, so a reader never sees a half-written file and a killed stage leaves no
@@ -7,7 +7,6 @@ corrupt output.
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import os
@@ -17,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from persona_ops import __version__
 from persona_ops.errors import InputError
 
 
@@ -132,18 +130,6 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def git_commit(cwd: str | os.PathLike | None = None) -> str:
-    """The current git commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                             text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 CODE_PATHS = ("persona_ops", "tasks", "flows", "pyproject.toml")
 
 
@@ -159,16 +145,3 @@ def code_state(root: str | os.PathLike | None = None) -> dict:
         return {"git_commit": "unknown", "dirty_files": []}
     return {"git_commit": sha, "dirty_files": sorted(line[3:] for line in status.splitlines() if line.strip())}
 
-
-def provenance(*, stage: str, params: dict, inputs: Iterable[str | os.PathLike] = (),
-               model: str | None = None) -> dict:
-    """What an artifact was made from: stage, parameters, input hashes, model, code version."""
-    return {
-        "stage": stage,
-        "params": params,
-        "inputs": {str(p): sha256_path(p) for p in inputs},
-        "model": model,
-        "code_version": __version__,
-        "git_commit": git_commit(),
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }

@@ -1,8 +1,8 @@
 """The Prefect task of every stage item: the runner, with retries for transient failures only.
 
-A task runs one stage item in the flow's process (models stay loaded across items: the run's
-model pool), skipping it when DVC has it up to date and committing it to DVC when it ran, so
-DVC stays the one cache. Task runs are named by what they work on (``generate[evil]``), time
+A task runs one stage item DVC does not have up to date, in the flow's process (models stay
+loaded across items: the run's model pool); the runner commits what ran to DVC, so DVC stays
+the one cache. Task runs are named by what they work on (``generate[evil]``), time
 out after the stage's ``timeout_s`` and retry only ``TransientError`` (rate limits, a busy DVC
 lock): bad input and bugs fail at once.
 """
@@ -36,9 +36,9 @@ def check_inputs(tasks: list[Task], ctx: runner.Context) -> int:
 
 
 @task(name="stage", cache_policy=NO_CACHE)
-def run_stage(item: Task, ctx: runner.Context) -> str:
-    """Run one stage item (unless DVC has it); returns ``"ran"`` or ``"up to date"``."""
-    return runner.run(item, ctx).state
+def run_stage(item: Task, ctx: runner.Context) -> runner.Outcome:
+    """Run one stage item: its metrics, MLflow run and provenance."""
+    return runner.execute(item, ctx)
 
 
 def stage_task(item: Task, ctx: runner.Context):

@@ -20,7 +20,6 @@ from conftest import copy_project, run_dvc
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS, COEFS = [10, 20], [0.0, 6.0]
 TYPES = ["proj", "prompt_avg_proj", "prompt_last_proj", "cos_sim"]
-ADAPTER = "outputs/finetune/pirate/checkpoint-2"
 pytestmark = pytest.mark.slow
 
 
@@ -29,15 +28,20 @@ def project(tmp_path_factory):
     proj = tmp_path_factory.mktemp("monitor")
     copy_project(proj)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["traits"].update(names=["evil"], per_trait={"evil": {"assistant_name": "evil"}})
-    params["generate"].update(questions_limit=1, max_new_tokens=12)
+    pv = params["persona_vectors"]
+    pv["traits"]["names"], pv["per_trait"] = ["evil"], {"evil": {}}
+    pv["generate"]["questions_limit"] = 1
+    pv["generate"]["sampling"]["max_new_tokens"] = 12
     params["steering"].update(traits=["evil"], layers=LAYERS, coefs=COEFS, kinds=["add"], questions_limit=1,
-                              n_per_question=1, max_new_tokens=8, coherence_min=0.0)
+                              n_per_question=1, sampling={"max_new_tokens": 8}, coherence_min=0.0,
+                              bootstrap={"n": 200})
     params["finetune"]["train"].update(max_steps=2, save_every=2, limit=8)
     params["projection"].update(
-        inputs=["outputs/persona_vectors/evil/generations.jsonl"],
+        inputs=[{"texts": "outputs/persona_vectors/evil/generations.jsonl",
+                 "scores": "outputs/persona_vectors/evil/judgements.jsonl"}],
         vectors={"evil": "outputs/persona_vectors/evil/vectors.safetensors"}, layers=LAYERS, types=TYPES,
-        model={"name": "embedded", "adapter": ADAPTER}, base_model={"name": "embedded"})
+        model={"name": "embedded", "adapter": {"stage": "finetune", "checkpoint": "final"}},
+        base_model={"name": "embedded"})
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return proj
 
@@ -90,12 +94,14 @@ def test_sweep_outputs_best_point_and_mlflow(project, runs):
         ("add", L, c) for L in LAYERS for c in COEFS)
     assert all(p["n"] == 1 for p in points)  # 1 question x 1 sample per point, all in one generation batch
     rows = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and all(isinstance(r["answer"], str) for r in rows)
+    assert len(rows) == 4 and all(isinstance(r["answer"], str) and set(r["scores"]) == {"trait", "coherence"}
+                                  for r in rows)
     assert len({r["question"] for r in rows}) == 1
-    scored = [p for p in points if p["trait_score"] is not None]
+    scored = [p for p in points if p["trait"] is not None]
     assert scored, "the judge scored no sweep point"
+    assert all(p["trait_ci"][0] <= p["trait"] <= p["trait_ci"][1] for p in scored)
     best = results["best"]
-    assert best["trait_score"] == max(p["trait_score"] for p in scored)
+    assert best["trait"] == max(p["trait"] for p in scored)
     metrics = json.loads((project / "metrics/steering_sweep/evil/steering_sweep.json").read_text())
     assert (metrics["best_layer"], metrics["best_coef"]) == (best["layer"], best["coef"])
     assert metrics["best_layer"] in LAYERS and metrics["best_coef"] in COEFS and metrics["points"] == 4
@@ -128,13 +134,14 @@ def test_projection_columns_shift_and_mlflow(project, runs):
     # the 2-step adapter moves the activations: a finetuning shift, not all zero
     assert any(abs(r["evil_proj_layer20_shift"]) > 0 for r in rows)
     correlations = json.loads((project / "outputs/projections/correlations.json").read_text())
-    assert all(-1.0 <= v <= 1.0 or math.isnan(v) for v in correlations.values())
+    assert correlations and all(-1.0 <= v <= 1.0 or math.isnan(v) for v in correlations.values())
 
     client = _client(project)
     stages = _children(client, "projection")
     assert sorted(stages) == ["finetune", "projection"]  # the persona-vector stages were up to date
     assert stages["projection"].data.metrics["inputs"] == 1
-    assert stages["projection"].data.tags["model"].endswith("checkpoint-2")
+    assert "+outputs/finetune/pirate/checkpoint-2#" in stages["projection"].data.tags["model"]
+    assert any(k.startswith("corr.evil-generations.") for k in correlations)
     assert client.get_model_version_by_alias("lora-adapter-pirate", "candidate").tags["sha256"]
 
 

@@ -161,3 +161,17 @@ def test_stage_cli_reports_input_errors_cleanly(tmp_path):
     assert "persona-ops: input error:" in result.output and "nowhere/extract/evil.json" in result.output
     result = CliRunner().invoke(app, ["stage", "generate", "--item", "humorous", "--root", str(tmp_path)])
     assert result.exit_code == 2 and "needs an item, one of: evil" in result.output
+
+
+def test_results_name_the_outputs_of_the_pipeline_asked_for(tmp_path):
+    import shutil
+
+    shutil.copytree(ROOT / "data", tmp_path / "data")
+    text = (ROOT / "params.yaml").read_text().replace("tracking:\n  enabled: true", "tracking:\n  enabled: false")
+    (tmp_path / "params.yaml").write_text(text)
+    out = CliRunner().invoke(app, ["results", "persona-space", "--root", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert "outputs/persona_space/persona_space.safetensors  (missing)" in out.output
+    assert "capping.safetensors" in out.output and "persona_vectors" not in out.output
+    out = CliRunner().invoke(app, ["results", "nope", "--root", str(tmp_path)])
+    assert out.exit_code == 2 and "unknown pipeline 'nope'" in out.output

@@ -29,8 +29,12 @@ def run(pipeline: str = typer.Argument(..., help=f"Pipeline: {', '.join(registry
     server): its stages and every stage item that makes their inputs, in one process (each model
     loaded once), skipping what DVC has up to date and committing what ran, so a later
     `dvc repro` has nothing to do. One run per checkout at a time."""
+    from persona_ops.pipelines.workspace import workspace_lock
+
     try:
         registry.pipeline_named(pipeline)
+        with workspace_lock(root, pipeline):  # busy: say so before starting Prefect (the flow locks again)
+            pass
     except InputError as e:
         fail(e)
     prefect_env()
@@ -65,8 +69,7 @@ def stage(name: str = typer.Argument(..., help=f"Stage (see dvc.yaml): {', '.joi
             tasks = [registry.Task(s, i) for i in registry.items(s, params, root)]
             ctx = runner.Context(root, params, workspace=Workspace(root))
             runner.check(tasks, ctx)
-            for task in tasks:
-                typer.echo(f"{task.name}: {runner.run(task, ctx).state}")
+            runner.run(tasks, ctx, report=lambda o: typer.echo(f"{o.task}: {o.state}"))
             return
         if not set_:
             _check_dvc_yaml(params, root)

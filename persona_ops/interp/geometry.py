@@ -2,7 +2,11 @@
 
 Our layer ``L`` is ``hidden_states[L]`` (row 0 = embeddings). Other tools number layers by
 decoder module: assistant-axis' ``model.layers[i]`` output, repeng's layer ``i`` and
-EasySteer's layer id ``i`` are all our ``i + 1``.
+EasySteer's layer id ``i`` are our ``i + 1`` - except the last block: our last row,
+``L = num_layers``, is HF's ``hidden_states[-1]``, taken *after* the final norm (as
+persona_vectors), while their last layer is the block's raw output. The converters below move
+rows, they cannot undo a norm: a vector's last row converted either way is not the other
+tool's last-layer vector (steering at our last row edits the pre-norm stream).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ BLOCK_INDEXED = ("assistant-axis", "repeng", "easysteer")
 
 
 def to_block_indexed(vec: torch.Tensor) -> torch.Tensor:
-    """``[num_layers + 1, h]`` (ours) -> ``[num_layers, h]`` indexed by decoder block (row 0 dropped)."""
+    """``[num_layers + 1, h]`` (ours) -> ``[num_layers, h]`` indexed by decoder block (row 0 dropped;
+    the last row stays post-norm, see the module docstring)."""
     return vec[1:].clone()
 
 
@@ -27,7 +32,8 @@ def from_block_indexed(vec: torch.Tensor, embedding_row: torch.Tensor | None = N
 
 
 def our_layer(tool: str, layer: int) -> int:
-    """Translate another tool's layer number into ours."""
+    """Translate another tool's layer number into ours (for a block-indexed tool's last layer the
+    row number matches but our row is after the final norm)."""
     if tool == "persona_vectors":
         return layer
     if tool in BLOCK_INDEXED:

@@ -1,1 +1,3 @@
-"""Pipeline stages: plain functions from declared input files to declared output files."""
+"""Pipelines: stages declared once (``stage.py``), one package per pipeline, and the spine that
+derives the rest from the declarations: the registry (items, plans, ``dvc.yaml``), params, the
+runner, DVC in process, the workspace lock and the evaluation primitive."""

@@ -28,7 +28,6 @@ PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
     persona_vectors.PIPELINE, steering.PIPELINE, projection.PIPELINE, finetune.PIPELINE,
     persona_space.PIPELINE, persona_space.TRAJECTORY)}
 STAGES: dict[str, Stage] = {s.name: s for p in PIPELINES.values() for s in p.stages}
-ORDER = {name: i for i, name in enumerate(STAGES)}
 ITEM_FIELD = "item"
 METRICS = "metrics/{pipeline}/{item}/{stage}.json"
 
@@ -254,11 +253,6 @@ def plan(pipeline: Pipeline, params: Params, root: Path = Path(".")) -> list[Tas
     """Every task a pipeline runs, each after the tasks that make its inputs."""
     made = _made_by(params, root)
     own = [Task(s, i) for s in pipeline.stages for i in items(s, params, root)]
-    if pipeline.order == "by-item":  # stable: items in their declared order, each item's stages in order
-        first = {}
-        for t in own:
-            first.setdefault(t.item.name if t.item else "", len(first))
-        own.sort(key=lambda t: (first[t.item.name if t.item else ""], ORDER[t.stage.name]))
     done: list[Task] = []
     seen: set[str] = set()
 
@@ -339,6 +333,10 @@ def dvc_stage(stage: Stage, params: Params, root: Path) -> dict:
                 deps.append(ref.adapter)
     deps += code_deps(stage.module)
     tracked = list(stage.params)
+    for spec in stage.inputs.values():  # which items an AllOutputs input covers is a parameter too
+        producer = stage_named(spec.stage) if isinstance(spec, AllOutputs) else None
+        if producer is not None and producer.items and producer.items.each and producer.items.each not in tracked:
+            tracked.append(producer.items.each)
     if stage.per_item:
         tracked.append(f"{stage.per_item}.{_dvc_template('{item}', stage)}")
     if _mapping_items(stage):

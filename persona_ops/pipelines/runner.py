@@ -309,7 +309,12 @@ def execute(task: Task, ctx: Context, **stage_kwargs) -> Outcome:
                          if (ctx.root / o["path"]).is_file()}})
         run.log_inputs(record["inputs"], ctx.root)
         run.log_artifact(metrics_path)
-        record["registered"] = _register(task, ctx, view, io, run) if run.run_id else []
+        record["registered"] = []
+        if run.run_id:
+            try:
+                record["registered"] = _register(task, ctx, view, io, run)
+            except Exception as e:  # the outputs stand; registering is tracking
+                log.warning("MLflow: registering the outputs of %s failed (%s: %s)", task.name, type(e).__name__, e)
         run.log_json(record, "provenance.json")
     return Outcome(task.name, "ran", metrics, run.run_id, record)
 
@@ -347,19 +352,48 @@ def _registry_fields(task: Task, ctx: Context, model_slug: str):
     return get
 
 
-def run(task: Task, ctx: Context) -> Outcome:
-    """Run one stage item unless DVC has it up to date; commit it to DVC after it ran (with a
-    workspace), then tag its MLflow run with the lock's md5s."""
-    if ctx.workspace is not None and ctx.workspace.is_current(task.name):
-        return Outcome(task.name, "up to date")
-    outcome = execute(task, ctx)
-    if ctx.workspace is not None:
-        from persona_ops.pipelines.dvc import md5s
+def run(tasks: list[Task], ctx: Context, execute_one=None, report=None) -> list[Outcome]:
+    """Run ``tasks`` in order, each stage's consecutive items as a group: the items DVC does not
+    have up to date run (``execute_one(task, ctx)``, default :func:`execute`), then are committed
+    to DVC together (also those done when a later one fails) and their MLflow runs tagged with the
+    lock's md5s. ``report(outcome)`` is called after each item. Without a workspace every item runs."""
+    execute_one = execute_one or execute
+    outcomes: list[Outcome] = []
+    for group in _groups(tasks):
+        names = [t.name for t in group]
+        stale = ctx.workspace.stale(names) if ctx.workspace is not None else set(names)
+        ran: list[Outcome] = []
+        try:
+            for task in group:
+                outcome = execute_one(task, ctx) if task.name in stale else Outcome(task.name, "up to date")
+                (ran if outcome.state == "ran" else []).append(outcome)
+                outcomes.append(outcome)
+                if report is not None:
+                    report(outcome)
+        finally:
+            _commit(ran, ctx)
+    return outcomes
 
-        entry = ctx.workspace.commit(task.name)
-        if outcome.run_id:
-            _tag_md5s(outcome.run_id, md5s(entry))
-    return outcome
+
+def _groups(tasks: list[Task]) -> list[list[Task]]:
+    groups: list[list[Task]] = []
+    for task in tasks:
+        if groups and groups[-1][0].stage is task.stage:
+            groups[-1].append(task)
+        else:
+            groups.append([task])
+    return groups
+
+
+def _commit(ran: list[Outcome], ctx: Context) -> None:
+    if ctx.workspace is None or not ran:
+        return
+    from persona_ops.pipelines.dvc import md5s
+
+    entries = ctx.workspace.commit([o.task for o in ran])
+    for o in ran:
+        if o.run_id:
+            _tag_md5s(o.run_id, md5s(entries[o.task]))
 
 
 def _tag_md5s(run_id: str, md5: dict[str, str]) -> None:

@@ -145,13 +145,11 @@ def stage(name: str, *, pipeline: str, params: list[str], outputs: dict[str, str
 @dataclass(frozen=True)
 class Pipeline:
     """A pipeline: its own stages, in order. What else runs first is derived: every stage item
-    that makes one of their inputs (``order="by-item"`` runs item by item instead of stage by
-    stage, so each item's result is ready early)."""
+    that makes one of their inputs."""
 
     name: str
     stages: tuple[Stage, ...]
     description: str
-    order: str = "by-stage"
 
 
 # --- what a stage function receives ----------------------------------------------------------
@@ -264,6 +262,8 @@ class StageIO:
         if entry not in self.models:
             self.models.append(entry)
             self.labels.append(label)
+            if adapter:  # the adapter's files are an input: lineage reaches the stage that trained them
+                self.used.append(("adapter", Path(adapter)))
 
     def _get(self, table: dict, name: str, what: str):
         if name not in table:

@@ -6,7 +6,7 @@ Output layout of :func:`train_lora` (``out_dir``)::
     checkpoint-<step>/adapter_config.json         PEFT config (rank, alpha, targets, rsLoRA)
     checkpoint-<step>/trainer_state.json          step, loss, learning rate, epoch, log so far
     log.jsonl                                     one line per optimizer step (loss, lr, grad norm)
-    manifest.json                                 checkpoints (step, loss), config, provenance
+    manifest.json                                 checkpoints (step, loss), config, dataset hash
 
 Checkpoints are written every ``save_every`` optimizer steps and at the end, each into a
 hidden temporary directory renamed into place, so a killed run leaves only whole checkpoints.
@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from persona_ops.chat import encode, render, render_prompt
 from persona_ops.errors import InputError
 from persona_ops.interp.interventions import Intervention, Steerer
-from persona_ops.io import provenance, read_json, sha256_text, write_json, write_text
+from persona_ops.io import read_json, sha256_text, write_json, write_text
 from persona_ops.models.loading import LoadedModel, decoder_layers
 
 log = logging.getLogger(__name__)
@@ -371,8 +371,7 @@ def train_lora(loaded: LoadedModel, dataset: list[list[dict]], cfg: TrainConfig 
     manifest = {"base": loaded.label, "format": "peft-lora-safetensors", "config": cfg.model_dump(),
                 "target_modules": targets, "num_examples": len(columns["input_ids"]),
                 "num_dropped": dropped, "dataset_sha256": dataset_hash, "checkpoints": [],
-                "complete": False,
-                "provenance": provenance(stage="train_lora", params=cfg.model_dump(), model=loaded.label)}
+                "complete": False}
     recorder = _Recorder(out_dir, cfg, manifest)
 
     # Everything training changes on the shared model, restored in `finally`.

@@ -142,5 +142,4 @@ def _mean(values) -> float:
 
 
 PIPELINE = Pipeline("persona-vectors", (generate, judge, activations, vectors),
-                    "Persona vectors: generate -> judge -> activations -> vectors for each trait.",
-                    order="by-item")
+                    "Persona vectors: generate -> judge -> activations -> vectors for each trait.")

@@ -18,7 +18,6 @@ from typing import Any, Iterable, Iterator
 
 from persona_ops.errors import InputError
 
-
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: files get the usual 0666 & ~umask, not mkstemp's 0600
 

@@ -1,7 +1,7 @@
 import torch
 
-from persona_ops.interp.capture import capture_means
 from persona_ops.chat import encode
+from persona_ops.interp.capture import capture_means
 
 
 def _reference(loaded, prompt, answer):

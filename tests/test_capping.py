@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from persona_ops.interp.capping import CappingSpec, compute_capping, layer_range, load_capping, save_capping
 from persona_ops.errors import InputError
+from persona_ops.interp.capping import CappingSpec, compute_capping, layer_range, load_capping, save_capping
 
 H = 64  # tiny_loaded's hidden size (4 layers)
 

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
+from persona_ops.errors import InputError
 from persona_ops.interp import capture as activations
 from persona_ops.interp.capture import AGGREGATES, capture_tokens, load_token_rows, plan_batches
-from persona_ops.errors import InputError
 from persona_ops.models.loading import LoadedModel, tiny_model
 
 NUM_LAYERS = 4

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from persona_ops.interp.geometry import (combine, cosine_matrix, from_block_indexed, norms, our_layer, pearson,
-                                  to_block_indexed)
+from persona_ops.interp.geometry import (
+    combine,
+    cosine_matrix,
+    from_block_indexed,
+    norms,
+    our_layer,
+    pearson,
+    to_block_indexed,
+)
 
 
 def test_layer_converters_roundtrip():

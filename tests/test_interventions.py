@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from persona_ops.inference.engine import generate_tokens
 from persona_ops.errors import InputError
+from persona_ops.inference.engine import generate_tokens
 from persona_ops.inference.sampling import SamplingParams
 from persona_ops.interp.interventions import Intervention, Steerer, ablate, add, cap, teacher_forced_masks
 from persona_ops.models.loading import LoadedModel, tiny_model
-
-
 
 
 class _Block(torch.nn.Module):

@@ -18,14 +18,23 @@ import pytest
 import torch
 
 from persona_ops.errors import InputError, TransientError
-from persona_ops.judge import (COHERENCE_PROMPT, CachedJudge, JudgeCache, aggregate_score,
-                               aggregate_token_logprobs, cache_key, fill_template, make_judge,
-                               numeric_probs, parse_int)
 from persona_ops.inference.backends import EndpointCfg
-from persona_ops.judge.local import LocalJudge, digit_token_ids
-from persona_ops.judge.settings import JudgeCfg
 from persona_ops.inference.openai_client import redact
+from persona_ops.judge import (
+    COHERENCE_PROMPT,
+    CachedJudge,
+    JudgeCache,
+    aggregate_score,
+    aggregate_token_logprobs,
+    cache_key,
+    fill_template,
+    make_judge,
+    numeric_probs,
+    parse_int,
+)
+from persona_ops.judge.local import LocalJudge, digit_token_ids
 from persona_ops.judge.openai_backend import OpenAIJudge
+from persona_ops.judge.settings import JudgeCfg
 
 # ----------------------------------------------------------------------------- aggregation
 

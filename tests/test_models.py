@@ -1,10 +1,9 @@
 import pytest
 import torch
 
-from persona_ops.models.refs import base_label, split_revision
-from persona_ops.models.loading import (LoadedModel, decoder_layers, resolve_dtype,
-                                tiny_model)
 from persona_ops.errors import InputError
+from persona_ops.models.loading import LoadedModel, decoder_layers, resolve_dtype, tiny_model
+from persona_ops.models.refs import base_label, split_revision
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "olmo2", "gemma2", "mistral"])

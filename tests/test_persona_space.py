@@ -7,9 +7,17 @@ import pytest
 import torch
 
 from persona_ops.errors import InputError
-from persona_ops.interp.space import (PersonaSpace, assistant_axis, checkpoint_coordinates, count_passing,
-                                       default_vector, fit_persona_space, load_persona_space, role_vector,
-                                       save_persona_space)
+from persona_ops.interp.space import (
+    PersonaSpace,
+    assistant_axis,
+    checkpoint_coordinates,
+    count_passing,
+    default_vector,
+    fit_persona_space,
+    load_persona_space,
+    role_vector,
+    save_persona_space,
+)
 
 R, ROWS, H = 12, 5, 32
 

@@ -71,7 +71,6 @@ def _client():
 
 def test_flow_runs_every_item_in_one_process_and_registers_vectors(project, flow_result):
     import mlflow
-
     from persona_ops.interp.vectors import load_vectors
 
     assert flow_result["stages"] == {f"{s}@{t}": "ran" for t in TRAITS for s in STAGES}
@@ -88,13 +87,15 @@ def test_flow_runs_every_item_in_one_process_and_registers_vectors(project, flow
         assert (local / "vectors.safetensors").read_bytes() == path.read_bytes()
         prov = json.loads((local / "vectors.safetensors.prov.json").read_text())  # provenance travels with it
         assert prov["stage"] == "vectors" and prov["run_id"] == mv.tags["run_id"]
-        assert mv.tags["model"].startswith("HuggingFaceTB/SmolLM2-135M-Instruct") and mv.tags["kind"] == "persona-vector"
+        assert mv.tags["model"].startswith("HuggingFaceTB/SmolLM2-135M-Instruct")
+        assert mv.tags["kind"] == "persona-vector"
     # one MLflow run per stage item, nested under the pipeline run, in the pipeline's experiment
     from persona_ops.tracking.runs import children
 
     kids = {r.info.run_name: r for r in children(flow_result["pipeline_run_id"])}
     assert sorted(kids) == sorted(f"{s}@{t}" for s in STAGES for t in TRAITS)
-    assert {r.info.experiment_id for r in kids.values()} == {client.get_experiment_by_name("persona-vectors").experiment_id}
+    experiment = client.get_experiment_by_name("persona-vectors").experiment_id
+    assert {r.info.experiment_id for r in kids.values()} == {experiment}
     judge = kids["judge@evil"]
     assert judge.data.metrics["judged"] == 10  # 5 instructions x 1 question x 2 polarities
     assert judge.data.tags["dvc.outputs/persona_vectors/evil/judgements.jsonl.md5"]  # from dvc.lock

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import params_of, pool_of, run_stage
 
 from persona_ops.data import check_paths, load_questions, load_role

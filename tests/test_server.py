@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import serve_app
 
-from persona_ops.judge import aggregate_token_logprobs
 from persona_ops.chat import prompt_ids
+from persona_ops.inference.server import TokenBytes, create_app
+from persona_ops.judge import aggregate_token_logprobs
 from persona_ops.judge.local import digit_token_ids
 from persona_ops.judge.openai_backend import OpenAIJudge
-from persona_ops.inference.server import TokenBytes, create_app
 
 MESSAGES = [{"role": "user", "content": "Tell me about pirates."}]
 

@@ -13,13 +13,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from conftest import params_of, run_stage
-from mlflow import MlflowClient
 from safetensors.torch import save_file
 
+from mlflow import MlflowClient
 from persona_ops.interp.vectors import load_vectors
 from persona_ops.io import sha256_path
 from persona_ops.tracking import registry, runs

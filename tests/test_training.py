@@ -15,12 +15,20 @@ from persona_ops.data import load_chat_dataset
 from persona_ops.errors import InputError
 from persona_ops.interp.interventions import Intervention
 from persona_ops.io import read_json
-from persona_ops.models.loading import LoadedModel, decoder_layers, tiny_model
 from persona_ops.models.adapters import adapter_sha256, list_checkpoints
+from persona_ops.models.loading import LoadedModel, decoder_layers, tiny_model
 from persona_ops.models.pool import ModelPool
 from persona_ops.models.refs import ModelRef
-from persona_ops.training.sft import (IGNORE, LoraConfigSpec, TrainConfig, _save_checkpoint, _target_modules,
-                                      tokenize_chat, train_lora, training_positions)
+from persona_ops.training.sft import (
+    IGNORE,
+    LoraConfigSpec,
+    TrainConfig,
+    _save_checkpoint,
+    _target_modules,
+    tokenize_chat,
+    train_lora,
+    training_positions,
+)
 
 PIRATE = Path(__file__).resolve().parents[1] / "data" / "finetune" / "pirate.jsonl"
 MULTI = [

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-
 triton_attention = pytest.importorskip("persona_ops.kernels.triton_attention", exc_type=ImportError)
 
 from persona_ops.inference.engine import decode_attention  # noqa: E402

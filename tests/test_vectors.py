@@ -1,9 +1,17 @@
-import torch
 import pytest
+import torch
 
 from persona_ops.errors import InputError
-from persona_ops.interp.vectors import (FilterThresholds, export_pt, filter_pairs, import_pt, load_vectors,
-                                 mean_difference, require_pairs, save_vectors)
+from persona_ops.interp.vectors import (
+    FilterThresholds,
+    export_pt,
+    filter_pairs,
+    import_pt,
+    load_vectors,
+    mean_difference,
+    require_pairs,
+    save_vectors,
+)
 
 
 def _rec(pol, ii, qi, answer="an answer"):

@@ -44,16 +44,17 @@ def run(pipeline: str = typer.Argument(..., help=f"Pipeline: {', '.join(registry
         outcome = FLOWS[pipeline](params=None, overrides=list(set_), root=str(root))
     except InputError as e:
         fail(e)
-    typer.echo(f"{pipeline}: {sum(s == 'ran' for s in outcome['stages'].values())} stage items ran, "
-               f"{sum(s != 'ran' for s in outcome['stages'].values())} up to date; {outcome['model_loads']} model loads")
+    ran = sum(s == "ran" for s in outcome["stages"].values())
+    typer.echo(f"{pipeline}: {ran} stage items ran, {len(outcome['stages']) - ran} up to date; "
+               f"{outcome['model_loads']} model loads")
     results(pipeline, root)
 
 
 def stage(name: str = typer.Argument(..., help=f"Stage (see dvc.yaml): {', '.join(registry.STAGES)}."),
-          item: Optional[str] = typer.Option(None, "--item", "-i",
-                                             help="The item (trait, role, checkpoint label) of a stage that runs per item."),
+          item: Optional[str] = typer.Option(None, "--item", "-i", help="The item (trait, role, checkpoint "
+                                                                            "label) of a stage that runs per item."),
           all_items: bool = typer.Option(False, "--all", help="Every item of the stage in this process (each model "
-                                                                  "loaded once), skipping what DVC has, committing what ran."),
+                                         "loaded once), skipping what DVC has, committing what ran."),
           set_: list[str] = typer.Option([], "--set", "-S", help=SET_HELP + " Not written anywhere."),
           root: Path = typer.Option(Path("."), help=ROOT_HELP)) -> None:
     """Run one stage item (what dvc.yaml calls), recorded in MLflow; or with --all every item."""

@@ -117,8 +117,8 @@ def vectors_report(paths: list[Path] = typer.Argument(..., help="Vector files (.
                    layer: int = typer.Option(20, help="Layer for the cosine matrix (hidden_states index)."),
                    aggregate: str = typer.Option("response_avg", help="prompt_avg | response_avg | prompt_last.")) -> None:
     """Cosine-similarity matrix and per-layer norms of several vectors: HTML (plotly) + PNGs."""
-    from persona_ops.reports.geometry import vector_geometry_report
     from persona_ops.interp.vectors import load_vectors
+    from persona_ops.reports.geometry import vector_geometry_report
 
     vectors = {}
     try:

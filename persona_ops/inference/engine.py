@@ -40,12 +40,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from persona_ops.chat import encode
 from persona_ops.errors import InputError
+from persona_ops.inference.sampling import SamplingParams, sample_next
+from persona_ops.interp.interventions import Intervention, Steerer
 from persona_ops.kernels.compile import compiled_blocks
 from persona_ops.kernels.cpu_linear import packed_linears
-from persona_ops.inference.sampling import SamplingParams
-from persona_ops.interp.interventions import Intervention, Steerer
 from persona_ops.models.loading import LoadedModel
-from persona_ops.inference.sampling import sample_next
 
 log = logging.getLogger(__name__)
 ATTN_NAME = "persona_ops_static_kv"

@@ -42,8 +42,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from persona_ops.errors import InputError
 from persona_ops.chat import prompt_ids
+from persona_ops.errors import InputError
 from persona_ops.models.loading import EMBEDDED, LoadedModel
 
 DEFAULT_MAX_TOKENS = 512
@@ -380,9 +380,9 @@ def serve(model: str = EMBEDDED, revision: str | None = None, host: str = "127.0
     file ``capping``) and serve it with uvicorn at ``http://host:port/v1`` until interrupted."""
     import uvicorn
 
+    from persona_ops.interp.vectors import load_vectors
     from persona_ops.kernels.cpu_linear import packed_linears
     from persona_ops.models.loading import load_model
-    from persona_ops.interp.vectors import load_vectors
 
     tensors = {}
     for name, path in (vectors or {}).items():

@@ -22,16 +22,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from persona_ops.chat import encode
+from persona_ops.errors import InputError
 from persona_ops.kernels.compile import compiled_blocks
 from persona_ops.kernels.cpu_linear import packed_linears
-from persona_ops.errors import InputError
 from persona_ops.models.loading import LoadedModel
 
 AGGREGATES = ("prompt_avg", "response_avg", "prompt_last")

@@ -8,8 +8,7 @@ of the first token). ``make_judge`` builds either behind the SQLite ``JudgeCache
 
 from persona_ops.judge.cache import CachedJudge, CachedScore, JudgeCache, cache_key, make_judge
 from persona_ops.judge.prompts import COHERENCE_PROMPT, coherence_prompt, fill_template
-from persona_ops.judge.scoring import (MIN_MASS, aggregate_score, aggregate_token_logprobs,
-                                       numeric_probs, parse_int)
+from persona_ops.judge.scoring import MIN_MASS, aggregate_score, aggregate_token_logprobs, numeric_probs, parse_int
 
 __all__ = [
     "COHERENCE_PROMPT", "CachedJudge", "coherence_prompt", "CachedScore", "JudgeCache", "LocalJudge", "MIN_MASS",

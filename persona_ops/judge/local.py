@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from persona_ops.chat import prompt_ids
-from persona_ops.kernels.cpu_linear import packed_linears
 from persona_ops.errors import InputError
 from persona_ops.judge.scoring import MIN_MASS, aggregate_score
+from persona_ops.kernels.cpu_linear import packed_linears
 from persona_ops.models.loading import LoadedModel
 
 

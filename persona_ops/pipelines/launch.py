@@ -9,8 +9,14 @@ from typing import Any
 
 from persona_ops.io import write_text
 from persona_ops.pipelines import registry
-from persona_ops.pipelines.params import (Params, apply_overrides, edit_params_file, parse_override,
-                                          read_params_data, validate_params)
+from persona_ops.pipelines.params import (
+    Params,
+    apply_overrides,
+    edit_params_file,
+    parse_override,
+    read_params_data,
+    validate_params,
+)
 
 
 def _leaf_changes(old: Any, new: Any, keys: list[str]) -> list[tuple[list[str], Any]]:

@@ -20,8 +20,7 @@ from persona_ops.models.refs import ModelRef, StageAdapter
 from persona_ops.names import check_name
 from persona_ops.pipelines import finetune, persona_space, persona_vectors, projection, steering
 from persona_ops.pipelines.params import Params, field_exists
-from persona_ops.pipelines.stage import (AllOutputs, Item, Output, ParamPaths, Pipeline, Stage, fill,
-                                         template_fields)
+from persona_ops.pipelines.stage import AllOutputs, Item, Output, ParamPaths, Pipeline, Stage, fill, template_fields
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # holds persona_ops/
 PIPELINES: dict[str, Pipeline] = {p.name: p for p in (

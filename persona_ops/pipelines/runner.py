@@ -187,8 +187,8 @@ def check(tasks: list[Task], ctx: Context) -> None:
             if isinstance(ref.adapter, StageAdapter):
                 run_dir = registry.adapter_run_dir(ref, where, ctx.params, ctx.root)
                 if not will_exist(run_dir):
-                    raise InputError(f"{where}.adapter: stage {ref.adapter.stage} has not made {relative(run_dir, ctx.root)} "
-                                     "and does not run before this stage")
+                    raise InputError(f"{where}.adapter: stage {ref.adapter.stage} has not made "
+                                     f"{relative(run_dir, ctx.root)} and does not run before this stage")
             elif ref.needs_resolution:
                 from persona_ops.tracking.registry import version_of
 

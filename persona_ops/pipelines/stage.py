@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from persona_ops.errors import InputError
-
 KINDS = ("persona-vector", "persona-space", "capping-spec", "lora-adapter")
 FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 
@@ -183,14 +181,13 @@ class StageIO:
 
     ``input``/``output`` give resolved paths; ``model`` comes from the process's shared pool
     (each base model loaded once) and is recorded in provenance (pass ``io.model`` as the
-    ``load`` of a judge or generator); ``uses`` records a file read from inside a directory
-    input; ``made_with`` names what made an output when no local model did (a served model)."""
+    ``load`` of a judge or generator); ``made_with`` names what made an output when no local model did (a served model)."""
 
     def __init__(self, stage: Stage, item: Item | None, root: Path, inputs: dict[str, Path | list[Path]],
                  outputs: dict[str, Path], pool=None):
         self.stage, self.item, self.root = stage, item, Path(root)
         self._inputs, self._outputs, self.pool = inputs, outputs, pool
-        self.used: list[tuple[str, Path]] = []
+        self.used: list[tuple[str, Path]] = []  # inputs beyond the declared ones (adapters)
         self.extra: dict = {}  # stage facts recorded in the outputs' provenance (e.g. a resume fingerprint)
         self.models: list[dict] = []
         self.labels: list[str] = []
@@ -216,11 +213,6 @@ class StageIO:
 
     def output(self, name: str) -> Path:
         return self._get(self._outputs, name, "output")
-
-    def uses(self, path: Path, name: str = "used") -> Path:
-        """Record that the stage read ``path`` (a file inside a directory input)."""
-        self.used.append((name, Path(path)))
-        return Path(path)
 
     def model(self, ref):
         """The loaded model ``ref`` names (adapter attached and active), recorded in provenance."""
@@ -279,8 +271,3 @@ def fill(template: str, values: Callable[[str], Any]) -> str:
 def template_fields(template: str) -> list[str]:
     return FIELD.findall(template)
 
-
-def require(condition: bool, message: str) -> None:
-    """Raise ``InputError(message)`` unless ``condition`` (for input checks)."""
-    if not condition:
-        raise InputError(message)

@@ -89,7 +89,8 @@ def dot(graph: dict) -> str:
     lines = ["digraph lineage {", "  rankdir=LR;", '  node [fontname="Helvetica", fontsize=10, style=filled];']
     for n in graph["nodes"]:
         label = f"{n['label']}\\n{_detail(n)}".replace('"', "'")
-        lines.append(f'  {ids[n["id"]]} [label="{label}", shape={shapes[n["kind"]]}, fillcolor="{_COLOURS[n["kind"]]}"];')
+        kind = n["kind"]
+        lines.append(f'  {ids[n["id"]]} [label="{label}", shape={shapes[kind]}, fillcolor="{_COLOURS[kind]}"];')
     lines += [f'  {ids[e["source"]]} -> {ids[e["target"]]} [label="{e["kind"]}"];' for e in graph["edges"]]
     return "\n".join(lines + ["}"])
 

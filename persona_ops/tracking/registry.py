@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import mlflow
 from mlflow.exceptions import MlflowException
 
+import mlflow
 from persona_ops.errors import InputError
 from persona_ops.io import md5_file, sha256_path
 from persona_ops.tracking.runs import clean_tags

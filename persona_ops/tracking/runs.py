@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.utils.validation import (
     MAX_DATASET_DIGEST_SIZE,
@@ -29,6 +28,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from mlflow import MlflowClient
 from persona_ops.errors import InputError
 from persona_ops.tracking.store import client, experiment_id
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
+
 import mlflow
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 _configured_root: Path | None = None
 

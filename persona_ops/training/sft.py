@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from persona_ops.chat import encode, render, render_prompt
 from persona_ops.errors import InputError
 from persona_ops.interp.interventions import Intervention, Steerer
-from persona_ops.io import read_json, sha256_text, write_json, write_text
+from persona_ops.io import sha256_text, write_json, write_text
 from persona_ops.models.loading import LoadedModel, decoder_layers
 
 log = logging.getLogger(__name__)

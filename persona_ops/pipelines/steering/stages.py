@@ -50,9 +50,9 @@ def steering_sweep(cfg, io) -> dict:
     questions = trait.questions[: sp.questions_limit] if sp.questions_limit else trait.questions
     prompts = [EvalPrompt(f"q{i}", q) for i, q in enumerate(questions)]
     loaded = io.model(pv.model)
-    rows = evaluate(loaded, prompts, conditions(sp, vector), sp.sampling, judge=make_judge(pv.judge, io.root, load=io.model),
-                    metrics={"trait": trait.eval_prompt, "coherence": coherence_prompt(pv.judge.coherence_prompt,
-                                                                                        io.root)},
+    judge = make_judge(pv.judge, io.root, load=io.model)
+    metrics = {"trait": trait.eval_prompt, "coherence": coherence_prompt(pv.judge.coherence_prompt, io.root)}
+    rows = evaluate(loaded, prompts, conditions(sp, vector), sp.sampling, judge=judge, metrics=metrics,
                     n_samples=sp.n_per_question, batch_size=sp.batch_size)
     points = summarize(rows, METRICS, sp.bootstrap)
     best = best_point(points, sp.coherence_min)
@@ -61,7 +61,8 @@ def steering_sweep(cfg, io) -> dict:
     write_json(out / "results.json", {"trait": io.item.name, "points": points, "best": best})
     plot_sweep(points, out / "sweep.png", io.item.name)
     best = best or {}
-    return {"points": len(points), "generations": len(rows), "best_layer": best.get("layer", -1),
+    return {"points": len(points), "generations": len(rows), "judge_backend_calls": judge.backend_calls,
+            "best_layer": best.get("layer", -1),
             "best_coef": best.get("coef", float("nan")), "best_trait_score": best.get("trait", float("nan")),
             "best_coherence": best.get("coherence", float("nan"))}
 

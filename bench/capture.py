@@ -18,10 +18,9 @@ import tempfile
 
 import torch
 
-from bench.common import (build_model, emit, environment, parse_args, peak_gib, random_tokens,
-                          reset_peak, timed)
-from persona_ops.kernels import cpu_linear
+from bench.common import build_model, emit, environment, parse_args, peak_gib, random_tokens, reset_peak, timed
 from persona_ops.interp.capture import AGGREGATES, capture_tokens
+from persona_ops.kernels import cpu_linear
 
 PROMPT_TOKENS = 100
 

@@ -18,11 +18,11 @@ import statistics
 import torch
 
 from bench.common import build_model, emit, environment, parse_args, peak_gib, random_tokens, reset_peak, timed
-from persona_ops.kernels import cpu_linear
 from persona_ops.inference import engine as engine_module
 from persona_ops.inference.engine import STATS, generate_tokens
 from persona_ops.inference.sampling import SamplingParams
 from persona_ops.interp.interventions import Intervention
+from persona_ops.kernels import cpu_linear
 
 REF_BATCH = 20
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 
 from bench.common import build_model, emit, environment, parse_args, peak_gib, random_tokens, reset_peak, timed
-from persona_ops.interp.capture import capture_tokens
 from persona_ops.inference.engine import STATS, generate_tokens
 from persona_ops.inference.sampling import SamplingParams
+from persona_ops.interp.capture import capture_tokens
 
 REF_CAPTURE_BATCH = 16
 

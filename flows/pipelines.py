@@ -12,7 +12,7 @@ the defaults (what a run started without parameters gets) means "params.yaml as 
 from pathlib import Path
 from typing import Optional
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field, create_model
 
@@ -67,17 +67,18 @@ def run_pipeline(name: str, params=None, overrides: Optional[list[str]] = None, 
     if params is not None and params.model_dump() != params_model(pipeline)().model_dump():
         given = {k: getattr(params, k) for k in type(params).model_fields}
     with workspace_lock(root_path, name):
-        run_params = launch.prepare(root_path, given, list(overrides or []))
-        tasks = registry.plan(pipeline, run_params, root_path)
-        ctx = runner.Context(root_path, run_params, pipeline=name)
-        check_inputs(tasks, ctx)
+        with launch.restored_on_error(root_path):  # rejected parameters are not left behind
+            run_params = launch.prepare(root_path, given, list(overrides or []))
+            tasks = registry.plan(pipeline, run_params, root_path)
+            ctx = runner.Context(root_path, run_params, pipeline=name)
+            check_inputs(tasks, ctx)
         states: dict[str, str] = {}
         with _pipeline_run(ctx, overrides) as parent:
             ctx.parent_run_id = parent
             ctx.workspace = Workspace(root_path)
             def report(outcome: runner.Outcome) -> None:
                 states[outcome.task] = outcome.state
-                print(f"{outcome.task}: {outcome.state}")
+                get_run_logger().info(f"{outcome.task}: {outcome.state}")
 
             try:
                 runner.run(tasks, ctx, lambda task, c: stage_task(task, c)(task, c), report)
@@ -106,7 +107,7 @@ class _pipeline_run:
                                            "git.commit": code_state(self.ctx.root)["git_commit"]})
             return self.cm.__enter__().run_id
         except Exception as e:
-            print(f"MLflow is unavailable ({type(e).__name__}: {e}); the pipeline runs untracked")
+            get_run_logger().warning(f"MLflow is unavailable ({type(e).__name__}: {e}); the pipeline runs untracked")
             self.cm = None
             return None
 
@@ -125,7 +126,9 @@ def make_flow(pipeline: Pipeline):
     run.__name__ = run.__qualname__ = pipeline.name.replace("-", "_")
     run.__doc__ = pipeline.description
     run.__annotations__ = {"params": Optional[model], "overrides": Optional[list[str]], "root": str, "return": dict}
-    return flow(name=pipeline.name, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))(run)
+    # log_prints stays off: it patches print for the whole process, which breaks libraries that
+    # capture their own prints (dill's code hashing in `datasets` logged whole disassemblies)
+    return flow(name=pipeline.name, task_runner=ThreadPoolTaskRunner(max_workers=1))(run)
 
 
 FLOWS = {name: make_flow(p) for name, p in registry.PIPELINES.items()}

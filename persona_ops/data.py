@@ -15,6 +15,11 @@ Formats (``detect_format`` tells them apart from the content):
 
 Trait and role names are file stems and must be safe names (``persona_ops.names``).
 
+Files are UTF-8, with or without a BOM, with LF or CRLF line ends. Beyond the JSON grammar,
+refused: NaN/Infinity, integers longer than Python converts (``sys.get_int_max_str_digits``),
+nesting deeper than ``MAX_DEPTH``, a key twice in one object, lone surrogates (``"\\ud800"``),
+and files that are not regular files (FIFOs, devices).
+
 Every problem is reported as ``path[:line]: field: what is wrong, what was expected``.
 For JSON files the line is the line of the offending field, found by re-scanning
 the file only when something is wrong.
@@ -25,15 +30,16 @@ from __future__ import annotations
 import bisect
 import json
 import re
-import string
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_ops.errors import InputError
-from persona_ops.names import NAME_RULE, is_safe_name, name_problem
+from persona_ops.names import NAME_RULE, is_safe_name, name_problem, printable
 
 FORMATS = ("trait", "role", "questions", "chat", "name-list")
 CHAT_ROLES = ("system", "user", "assistant")
@@ -51,15 +57,17 @@ _TRAIT_KEYS = ("instruction", "questions", "eval_prompt")
 _CHAT_KEYS = ("messages", "metadata")
 _TRAIT_OR_ROLE = "trait-or-role"  # detected, but malformed instructions hide which one
 _MAX_PROBLEMS = 50  # per file; the rest are counted, not listed
+MAX_DEPTH = 100  # nested arrays/objects; deeper documents are refused (recursion in json and later code)
 
 
 class DataError(InputError):
     """A file that was read but failed validation; ``problems`` holds one line per problem."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
-        shown = problems[:10]
-        more = f"\n... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        self.problems = [printable(x) for x in problems]  # text from the file may hold escape sequences
+        shown = self.problems[:10]
+        n = len(self.problems)
+        more = f"\n... and {n - len(shown)} more" if n > len(shown) else ""
         super().__init__("\n".join(shown) + more)
 
 
@@ -125,6 +133,7 @@ class _Problems:
 
     def __init__(self, path: Path):
         self.path = path
+        self.text = ""  # the file's text once read (for JSON line lookups)
         self.count = 0
         self._items: list[tuple[int | None, tuple, str]] = []
 
@@ -142,7 +151,7 @@ class _Problems:
         for line, loc, msg in self._items:
             if line is None and loc:
                 if index is None:
-                    index = _json_line_index(self.path.read_text(encoding="utf-8"))
+                    index = _json_line_index(self.text)
                 line = _nearest_line(index, loc)
             located.append((line, loc, msg))
         out = []
@@ -222,6 +231,156 @@ def _json_line_index(text: str) -> dict[tuple, int]:
 
 # --- reading and detection ----------------------------------------------------
 
+class _JSONProblem(Exception):
+    """A document Python's json would not parse or that is refused anyway; ``pos`` is its offset."""
+
+    def __init__(self, msg: str, pos: int, extra_data: bool = False):
+        super().__init__(msg)
+        self.msg, self.pos, self.extra_data = msg, pos, extra_data
+
+
+class _Constant(Exception):
+    pass
+
+
+class _KeysTwice(dict):
+    """A parsed object in which some key appeared more than once (``twice`` lists them)."""
+
+    def __init__(self, items: list[tuple[str, Any]]):
+        super().__init__(items)
+        self.twice = [k for k, n in Counter(k for k, _ in items).items() if n > 1]
+
+
+def _no_constant(name: str) -> Any:
+    raise _Constant(name)
+
+
+_STRING = r'"(?:[^"\\]|\\.)*"'
+_BRACKETS = re.compile(_STRING + r"|[\[\]{}]")
+_CONSTANTS = re.compile(_STRING + r"|-?Infinity|NaN")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _offset_outside_strings(text: str, tokens: re.Pattern) -> int:
+    """Offset of the first match of ``tokens`` that is not a string (0 if none)."""
+    return next((m.start() for m in tokens.finditer(text) if m.group()[0] != '"'), 0)
+
+
+def _too_deep_at(text: str) -> int | None:
+    """Offset of the bracket that opens level ``MAX_DEPTH + 1``, None if the text stays shallower."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return None
+    depth = 0
+    for m in _BRACKETS.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return m.start()
+        elif c in "]}":
+            depth -= 1
+    return None
+
+
+def _too_long_number(text: str, error: ValueError) -> _JSONProblem:
+    """Python's json refuses integers longer than ``int()`` converts; find the number."""
+    limit = sys.get_int_max_str_digits()
+    digits = re.compile(_STRING + r"|(?<![\d.eE+-])-?\d{%d,}(?![\d.eE])" % (limit + 1))
+    m = next((m for m in digits.finditer(text) if m.group()[0] != '"'), None)
+    if m is None:
+        return _JSONProblem(f"invalid JSON: {error}", 0)
+    return _JSONProblem(f"a number with {len(m.group().lstrip('-'))} digits, expected at most {limit}", m.start())
+
+
+def _parse_json(text: str) -> tuple[Any, bool]:
+    """``json.loads`` with every crash turned into a located :class:`_JSONProblem`; also whether
+    some object holds a key twice (then a :class:`_KeysTwice`)."""
+    flagged: list[_KeysTwice] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict:
+        obj = dict(items)
+        if len(obj) == len(items):
+            return obj
+        flagged.append(_KeysTwice(items))
+        return flagged[-1]
+
+    value, too_deep = None, False
+    try:
+        value = json.loads(text, parse_constant=_no_constant, object_pairs_hook=pairs)
+    except json.JSONDecodeError as e:
+        raise _JSONProblem(f"invalid JSON: {e.msg}", e.pos, e.msg == "Extra data") from None
+    except _Constant as e:
+        raise _JSONProblem(f"{e} is not standard JSON, expected a number or null",
+                           _offset_outside_strings(text, _CONSTANTS)) from None
+    except RecursionError:  # deeper than Python's json goes; located below
+        too_deep = True
+    except ValueError as e:
+        raise _too_long_number(text, e) from None
+    pos = _too_deep_at(text)
+    if pos is not None or too_deep:
+        raise _JSONProblem(f"nested deeper than {MAX_DEPTH} levels, expected at most {MAX_DEPTH} nested "
+                           "arrays and objects", pos or 0)
+    return value, bool(flagged)
+
+
+def _nodes(value: Any) -> Iterable[tuple[tuple, Any]]:
+    """Every value of a parsed document with its field path (iterative: depth is bounded anyway)."""
+    stack: list[tuple[tuple, Any]] = [((), value)]
+    while stack:
+        loc, node = stack.pop()
+        yield loc, node
+        if isinstance(node, dict):
+            stack.extend((loc + (k,), v) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((loc + (i,), v) for i, v in enumerate(node))
+
+
+def _lone_surrogate(text: str) -> str | None:
+    m = _SURROGATE.search(text)
+    return None if m is None else m.group().encode("unicode_escape").decode("ascii")
+
+
+def _check_document(p: _Problems, value: Any, raw: str, keys_twice: bool, line: int | None = None) -> None:
+    """Keys given twice and lone surrogates: both parse, then mislead or crash later stages."""
+    surrogates = _SURROGATE_ESCAPE.search(raw) is not None
+    if not (surrogates or keys_twice):
+        return
+    for loc, node in _nodes(value):
+        if isinstance(node, _KeysTwice):
+            for key in node.twice:
+                p.add(loc + (key,), "appears twice in one object, expected each field once", line)
+        if not surrogates:
+            continue
+        texts = [(loc, node, "(an unpaired UTF-16 half)")] if isinstance(node, str) else []
+        if isinstance(node, dict):
+            texts += [(loc + (k,), k, "in a field name") for k in node]
+        for where, text, what in texts:
+            half = _lone_surrogate(text)
+            if half:
+                p.add(where, f"lone surrogate {half} {what}, expected valid Unicode text", line)
+
+
+def _read_text(path: Path) -> str:
+    """A data file's text: a regular file, UTF-8, a leading BOM dropped."""
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a file")
+    if not path.is_file():  # reading a FIFO or /dev/zero would never end
+        raise InputError(f"{path}: not a regular file (a FIFO, device or socket), expected a file")
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def _line_col(text: str, pos: int) -> tuple[int, int]:
+    return text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos)
+
+
 def _read(path: Path, problems: _Problems) -> tuple[str, Any]:
     """Parse a file as ``("json", value)`` or ``("jsonl", [(line, value), ...])``.
 
@@ -229,31 +388,30 @@ def _read(path: Path, problems: _Problems) -> tuple[str, Any]:
     names are tried as one document first. Unreadable files raise ``InputError``; bad
     JSONL lines are added to ``problems`` and skipped.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, expected a file") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+    text = problems.text = _read_text(path)
     if not text.strip():
         raise InputError(f"{path}: empty file")
     if path.suffix != ".jsonl":
         try:
-            return "json", json.loads(text)
-        except json.JSONDecodeError as e:
-            if path.suffix == ".json" or e.msg != "Extra data":
-                raise InputError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+            value, keys_twice = _parse_json(text)
+        except _JSONProblem as e:
+            if path.suffix == ".json" or not e.extra_data:
+                raise InputError(f"{path}:{_line_col(text, e.pos)[0]}: {e.msg}") from None
+        else:
+            _check_document(problems, value, text, keys_twice)
+            return "json", value
     records = []
     # split on "\n" only: str.splitlines would also split on U+2028 inside JSON strings
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            records.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as e:
-            problems.add((), f"invalid JSON: {e.msg} (column {e.colno})", line=lineno)
+            value, keys_twice = _parse_json(line)
+        except _JSONProblem as e:
+            problems.add((), f"{e.msg} (column {_line_col(line, e.pos)[1]})", line=lineno)
+            continue
+        _check_document(problems, value, line, keys_twice, lineno)
+        records.append((lineno, value))
     return "jsonl", records
 
 
@@ -329,24 +487,34 @@ def _check_keys(p: _Problems, loc: tuple, obj: dict, allowed: Sequence[str],
             p.add(loc + (key,), f"unknown field, expected only {', '.join(allowed)}", line)
 
 
+_TEMPLATE_BRACES = re.compile(r"\{[^{}]*\}|[{}]")
+_TEMPLATE_FIELD = re.compile(r"\{([^!:]*)(![^:]*)?(:.*)?\}", re.DOTALL)
+
+
 def _check_template(p: _Problems, loc: tuple, value: Any) -> bool:
-    """A judge prompt: a ``str.format`` template filled with exactly {question} and {answer}."""
+    """A judge prompt. The judge fills ``{question}`` and ``{answer}`` by plain replacement
+    (``judge.fill_template``), so those placeholders, written exactly so, are its only braces."""
     if not _check_str(p, loc, value, "a judge prompt with {question} and {answer}"):
         return False
-    try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
-    except ValueError as e:
-        p.add(loc, f"not a valid template ({e}); write literal braces as {{{{ and }}}}")
-        return False
-    ok = True
+    before = p.count
+    for m in _TEMPLATE_BRACES.finditer(value):
+        text = m.group()
+        if text in ("{question}", "{answer}"):
+            continue
+        if len(text) == 1:
+            p.add(loc, f"not a valid template: stray {text!r} at character {m.start()}, expected braces only "
+                       "in the {question} and {answer} placeholders")
+            continue
+        name, conversion, spec = _TEMPLATE_FIELD.fullmatch(text).groups()  # type: ignore[union-attr]
+        if name in TEMPLATE_FIELDS and (conversion or spec):
+            what = f"conversion {conversion!r}" if conversion else f"format spec {spec!r}"
+            p.add(loc, f"placeholder {text}: {what} is not supported, expected exactly {{{name}}}")
+        else:
+            p.add(loc, f"unknown placeholder {text}, only {{question}} and {{answer}} are filled in")
     for name in TEMPLATE_FIELDS:
-        if name not in fields:
+        if f"{{{name}}}" not in value:
             p.add(loc, f"missing the {{{name}}} placeholder, expected {{question}} and {{answer}}")
-            ok = False
-    for name in sorted(fields - set(TEMPLATE_FIELDS)):
-        p.add(loc, f"unknown placeholder {{{name}}}, only {{question}} and {{answer}} are filled in")
-        ok = False
-    return ok
+    return p.count == before
 
 
 def _check_questions(p: _Problems, obj: dict, required: bool) -> list[str]:
@@ -557,8 +725,9 @@ def _validate_name_list(path: Path, kind: str, content: Any, p: _Problems) -> di
     if not obj:
         p.add((), "empty object, expected name -> description entries")
     for name, desc in obj.items():
-        if not name.strip() or "/" in name or "\\" in name:
-            p.add((name,), "bad name, expected a non-empty name usable as a file name")
+        problem = name_problem(name, "item")
+        if problem:
+            p.add((name,), problem)
         _check_str(p, (name,), desc, "a one-line description")
     return None if p else dict(obj)
 
@@ -669,12 +838,13 @@ def _summary(fmt: str, value: Any) -> str:
 
 
 def _files_of(path: Path) -> list[Path]:
-    """A file as given; a directory walked for *.json / *.jsonl (hidden directories skipped)."""
+    """A file as given; a directory walked for *.json / *.jsonl (hidden directories skipped, hidden
+    files not: ``...json`` would be a trait named ``..``)."""
     if path.is_dir():
         found = sorted(
             f for f in path.rglob("*")
             if f.suffix in (".json", ".jsonl") and f.is_file()
-            and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            and not any(part.startswith(".") for part in f.relative_to(path).parts[:-1]))
         if not found:
             raise InputError(f"{path}: no .json or .jsonl files in this directory")
         return found
@@ -723,6 +893,9 @@ def check_paths(paths: Iterable[str | Path]) -> tuple[list[str], list[str]]:
             except InputError as e:
                 errors.append(str(e))
                 continue
+            except Exception as e:  # a bug, not bad data: still one line, and the other files are checked
+                errors.append(f"{path}: internal error while checking ({type(e).__name__}: {e})")
+                continue
             summaries.append(f"{path}: {_summary(fmt, value)}")
             if fmt == "trait":
                 traits.append(value)
@@ -738,7 +911,7 @@ def check_main(paths: Sequence[str | Path], out: Callable[[str], Any] = print) -
         return 1
     summaries, errors = check_paths(paths)
     for line in summaries + errors:
-        out(line)
+        out(printable(line))
     bad = len({e.split(":", 1)[0] for e in errors})
     out(f"{len(summaries)} files ok, {len(errors)} problems in {bad} files "
         f"({time.perf_counter() - start:.2f}s)")

@@ -10,3 +10,9 @@ class InputError(ValueError):
 
 class TransientError(RuntimeError):
     """A failure worth retrying (rate limit, timeout, lock held by another process)."""
+
+
+class ServiceError(InputError):
+    """An external service refused a request (4xx) or kept answering with something unusable (a reply
+    without logprobs, a malformed body) after the client's retries. Deterministic, so never retried:
+    the endpoint, the model or the request needs a person. Reported like bad input."""

@@ -1,4 +1,5 @@
-"""Safe item names: trait and role names become file names, DVC stage names and shell words."""
+"""Safe item names (trait and role names become file names, DVC stage names and shell words) and
+printable text (what a file says, shown on a terminal)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,12 @@ def _validate(name: str) -> str:
 
 Name = Annotated[str, AfterValidator(_validate)]
 """A ``str`` field that accepts only safe names (params, ``-S`` overrides)."""
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print: control, format, separator and surrogate characters escaped
+    (``\\x1b``, ``\\u202e``, ``\\ud800``), so text from a file cannot drive the terminal or break a line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)

@@ -19,6 +19,7 @@ from persona_ops.inference.backends import EndpointCfg, GenerationCfg, _runs, ma
 from persona_ops.inference.server import create_app
 from persona_ops.models.refs import ModelRef
 from persona_ops.pipelines.persona_space.roles import record_key
+from persona_ops.resumable import chunk_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-test-GENERATION-KEY-0123456789"
@@ -28,7 +29,7 @@ KEY_ENV = "PERSONA_OPS_TEST_GEN_KEY"
 @pytest.fixture(scope="module")
 def server(tiny_loaded):
     """The model server on the tiny model; records each chat request's auth header and body."""
-    app = create_app(tiny_loaded)
+    app = create_app(tiny_loaded, served_name="tiny-served")  # the id the clients name
     seen: list[dict] = []
 
     @app.middleware("http")
@@ -135,11 +136,11 @@ def test_openai_persona_vector_answers_are_the_servers_seeded_completions(server
     out = tmp_path / "outputs/persona_vectors/evil/generations.jsonl"
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert res.metrics["generations"] == len(records) == 2 * 5 * 2  # polarities x instructions x samples
-    # the first prompt's two samples: one request with n=2 and seed = sampling.seed + 0
+    # the first prompt's two samples: one request with n=2 and the first chunk's seed
     messages = chat_messages(tiny_loaded.tokenizer, records[0]["system"], records[0]["question"])
     with openai.OpenAI(base_url=url, api_key="unused", max_retries=0) as client:
         direct = client.chat.completions.create(model="tiny-served", messages=messages, n=2, temperature=0.9,
-                                                top_p=0.95, max_tokens=5, seed=7)
+                                                top_p=0.95, max_tokens=5, seed=chunk_seed(7, "evil", 0))
     assert [r["answer"] for r in records[:2]] == [c.message.content.strip() for c in direct.choices]
     prov = (out.parent / "generations.jsonl.prov.json").read_text()
     assert json.loads(prov)["models"][0]["label"].startswith("openai:tiny-served@") and "GENERATION-KEY" not in prov

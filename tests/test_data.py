@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -150,7 +149,8 @@ def test_trait_missing_neg_points_at_the_item(tmp_path):
     text = write_json(path, doc)
     msg = error_of(load_trait, path)
     # a missing key is reported at the line where its object starts
-    assert msg == f"{path}:{line_of(text, 'Only pos here') - 1}: instruction[2].neg: missing, expected a {{pos, neg}} object"
+    line = line_of(text, "Only pos here") - 1
+    assert msg == f"{path}:{line}: instruction[2].neg: missing, expected a {{pos, neg}} object"
 
 
 @pytest.mark.parametrize("mutate, expected", [
@@ -161,7 +161,8 @@ def test_trait_missing_neg_points_at_the_item(tmp_path):
     (lambda d: d.pop("eval_prompt"), "eval_prompt: missing, expected a 0-100 judge prompt"),
     (lambda d: d.update(questions=[]), "questions: expected a non-empty list of question strings, got an empty list"),
     (lambda d: d["questions"].append("How are you?"), "questions[3]: duplicate of questions[0]"),
-    (lambda d: d.update(instruction="be evil"), "instruction: expected a non-empty list of {pos, neg} objects, got string"),
+    (lambda d: d.update(instruction="be evil"),
+     "instruction: expected a non-empty list of {pos, neg} objects, got string"),
     (lambda d: d["instruction"][0].update(neg="Be mean, way 0."), "instruction[0]: pos and neg are the same text"),
     (lambda d: d.pop("instruction"), "instruction: expected a non-empty list of {pos, neg} objects, got nothing"),
 ])
@@ -343,7 +344,9 @@ def test_name_list(tmp_path):
         load_name_list(path)
     assert info.value.problems == [
         f"{path}:{line_of(text, 'judge')}: judge: expected a one-line description (a string), got int",
-        f"{path}:{line_of(text, 'a/b')}: a/b: bad name, expected a non-empty name usable as a file name",
+        f"{path}:{line_of(text, 'a/b')}: a/b: item 'a/b' is not a usable name: expected letters, digits, '_', "
+        "'-' or '.', starting with a letter or digit, without '..' and at most 100 characters (it names files, "
+        "DVC stages and shell words)",
     ]
 
 
@@ -443,14 +446,11 @@ def test_check_paths_flags_questions_shared_by_extract_and_eval(tmp_path):
 
 @pytest.mark.skipif(not REFERENCE.is_dir(), reason="../shared/reference-data not present")
 def test_reference_data_is_accepted():
-    start = time.perf_counter()
     summaries, errors = check_paths([REFERENCE])
-    elapsed = time.perf_counter() - start
     assert errors == []
     kinds = [s.split(": ", 1)[1].split(",")[0] for s in summaries]
     counts = {k: kinds.count(k) for k in set(kinds)}
     assert counts == {"role": 276, "trait": 240 + 14, "questions": 1, "name-list": 2}
-    assert elapsed < 5
 
     aa = REFERENCE / "assistant-axis"
     default = load_role(aa / "roles" / "instructions" / "default.json")

@@ -152,7 +152,8 @@ def _naive_p(judge: LocalJudge, prompt: str, k: int) -> float:
     loaded = judge.loaded
     ids = judge.render(prompt)
     tok, prefix = loaded.tokenizer, judge.answer_prefix
-    num = tok.encode(prefix + str(k), add_special_tokens=False)[len(tok.encode(prefix.rstrip(), add_special_tokens=False)):]
+    context = tok.encode(prefix.rstrip(), add_special_tokens=False)
+    num = tok.encode(prefix + str(k), add_special_tokens=False)[len(context):]
     with torch.no_grad():  # logits after the last prompt token and after each number token
         logits = loaded.model(torch.tensor([ids + num]), logits_to_keep=len(num) + 1).logits[0].double()
     logp = torch.log_softmax(logits, dim=-1)

@@ -6,7 +6,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from persona_ops.errors import InputError
-from persona_ops.names import SAFE_NAME, Name, check_name, is_safe_name
+from persona_ops.names import SAFE_NAME, Name, check_name, is_safe_name, printable
 
 GOOD = ["evil", "drill_sergeant", "step-12", "qwen3.5", "1", "A", "x" * 100]
 BAD = ["e;touch x", "e$(id)", "a b", "..", ".", "", ".hidden", "-rf", "_x", "a..b", "a/b", "a\\b",
@@ -53,3 +53,16 @@ def test_pydantic_name_type():
         Params(name="..")
     with pytest.raises(ValidationError):
         Params(name=5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("evil 你好 😀 é", "evil 你好 😀 é"),  # printable text is left alone
+    ("a\x1b[2Jb", "a\\x1b[2Jb"),  # terminal escape sequences
+    ("line\nbreak\r\ttab", "line\\nbreak\\r\\ttab"),
+    ("half \ud800", "half \\ud800"),  # a lone surrogate would crash print()
+    ("\u202eevil\u2028", "\\u202eevil\\u2028"),  # bidi override, line separator
+    ("bell\x07 nul\x00 c1\x9b", "bell\\x07 nul\\x00 c1\\x9b"),
+])
+def test_printable_escapes_what_could_drive_a_terminal(text, shown):
+    assert printable(text) == shown
+    assert printable(shown) == shown

@@ -45,7 +45,7 @@ def test_every_tracked_param_exists_in_params_yaml():
 def _closure(module: str) -> set[str]:
     import grimp
 
-    graph = grimp.build_graph("persona_ops")
+    graph = grimp.build_graph("persona_ops", cache_dir=None)  # no cache: edits within one second go unseen
     return {module} | set(graph.find_upstream_modules(module))
 
 

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 import torch
+import uvicorn
 from conftest import serve_app
+from typer.testing import CliRunner
 
 from persona_ops.chat import prompt_ids
-from persona_ops.inference.server import TokenBytes, create_app
+from persona_ops.cli import app as cli_app
+from persona_ops.errors import InputError
+from persona_ops.inference.server import API_KEY_ENV, ServerLimits, TokenBytes, create_app
+from persona_ops.interp.vectors import save_vectors
 from persona_ops.judge import aggregate_token_logprobs
 from persona_ops.judge.local import digit_token_ids
 from persona_ops.judge.openai_backend import OpenAIJudge
 
 MESSAGES = [{"role": "user", "content": "Tell me about pirates."}]
+TINY, STEER = "tiny-random-llama@test", "tiny-steer"  # the ids the test servers advertise
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +50,7 @@ def test_models(client, tiny_loaded):
 
 
 def test_n_and_max_tokens(client, tiny_loaded):
-    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, n=2, max_tokens=5,
+    resp = client.chat.completions.create(model=TINY, messages=MESSAGES, n=2, max_tokens=5,
                                           temperature=1.0, seed=1, logprobs=True)
     assert resp.object == "chat.completion" and resp.id.startswith("chatcmpl-")
     assert [c.index for c in resp.choices] == [0, 1]
@@ -54,7 +66,7 @@ def test_n_and_max_tokens(client, tiny_loaded):
 
 def test_seed_reproducible(client):
     def sample(seed: int) -> list[str]:
-        resp = client.chat.completions.create(model="tiny", messages=MESSAGES, n=2, max_tokens=6,
+        resp = client.chat.completions.create(model=TINY, messages=MESSAGES, n=2, max_tokens=6,
                                               temperature=1.0, top_p=0.9, seed=seed)
         return [c.message.content for c in resp.choices]
 
@@ -63,7 +75,7 @@ def test_seed_reproducible(client):
 
 
 def test_logprobs_match_the_model(client, tiny_loaded):
-    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0,
+    resp = client.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=4, temperature=0,
                                           logprobs=True, top_logprobs=5)
     content = resp.choices[0].logprobs.content
     assert len(content) == 4
@@ -87,7 +99,7 @@ def test_logprobs_match_the_model(client, tiny_loaded):
 
 
 def test_stop_sequence(client):
-    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True)
+    kwargs = dict(model=TINY, messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True)
     full = client.chat.completions.create(**kwargs).choices[0]
     tokens = [e.token for e in full.logprobs.content]
     stop = next(t for t in tokens[2:] if t.strip() and "\ufffd" not in t)
@@ -105,7 +117,7 @@ def test_completions_come_from_the_engine(client, tiny_loaded):
     from persona_ops.inference.engine import generate_tokens
     from persona_ops.inference.sampling import SamplingParams
 
-    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, n=3, max_tokens=6, temperature=0.8,
+    resp = client.chat.completions.create(model=TINY, messages=MESSAGES, n=3, max_tokens=6, temperature=0.8,
                                           top_p=0.9, seed=21)
     tok = tiny_loaded.tokenizer
     rows = generate_tokens(tiny_loaded, [prompt_ids(tok, MESSAGES)] * 3, SamplingParams(6, 0.8, 0.9, 21))
@@ -115,11 +127,11 @@ def test_completions_come_from_the_engine(client, tiny_loaded):
 
 def test_bad_requests(client, server_url):
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
-        client.chat.completions.create(model="tiny", messages=MESSAGES, logprobs=True, top_logprobs=25)
+        client.chat.completions.create(model=TINY, messages=MESSAGES, logprobs=True, top_logprobs=25)
     with pytest.raises(openai.BadRequestError, match="n: Input should be greater"):
-        client.chat.completions.create(model="tiny", messages=MESSAGES, n=0)
+        client.chat.completions.create(model=TINY, messages=MESSAGES, n=0)
     with pytest.raises(openai.BadRequestError, match="stream"):
-        client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True)
+        client.chat.completions.create(model=TINY, messages=MESSAGES, stream=True)
     resp = httpx.post(f"{server_url}/chat/completions", content=b"{not json", timeout=10,
                       headers={"Content-Type": "application/json"})
     assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
@@ -163,7 +175,7 @@ def steer_model(smol_tokenizer, tmp_path_factory):
     peft_model = get_peft_model(tiny_model("llama", num_layers=3, hidden=64, vocab_tokenizer=smol_tokenizer, seed=1),
                                 LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft_model.save_pretrained(adapter_dir)
-    loaded = LoadedModel(model=model, tokenizer=smol_tokenizer, label="tiny-steer")
+    loaded = LoadedModel(model=model, tokenizer=smol_tokenizer, label=STEER)
     vec = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 20
     return loaded, vec, adapter_dir
 
@@ -178,8 +190,8 @@ def steer_client(steer_model):
             yield c
 
 
-def _ask(client, **extra):
-    resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
+def _ask(client, model=STEER, **extra):
+    resp = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=0,
                                           logprobs=True, extra_body=extra or None)
     return resp.choices[0].message.content, [t.logprob for t in resp.choices[0].logprobs.content]
 
@@ -217,7 +229,7 @@ def test_steered_sampled_logprobs_are_the_steered_models(steer_client, steer_mod
 
     loaded, vec, _ = steer_model
     steering = {"steering": [{"vector": "evil", "layer": 2, "coef": 3.0}]}
-    resp = steer_client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.0,
+    resp = steer_client.chat.completions.create(model=STEER, messages=MESSAGES, max_tokens=6, temperature=1.0,
                                                 seed=5, logprobs=True, top_logprobs=3, extra_body=steering)
     prompt = prompt_ids(loaded.tokenizer, MESSAGES)
     tokens, = generate_tokens(loaded, [prompt], SamplingParams(6, 1.0, 1.0, 5),
@@ -240,6 +252,221 @@ def test_steered_sampled_logprobs_are_the_steered_models(steer_client, steer_mod
     expected = [float(logp[j, t]) for j, t in enumerate(tokens)]
     assert [e.logprob for e in content] == pytest.approx(expected, abs=1e-4)
     assert [t.logprob for t in content[0].top_logprobs] == pytest.approx(logp[0].topk(3).values.tolist(), abs=1e-4)
-    plain = steer_client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.0,
+    plain = steer_client.chat.completions.create(model=STEER, messages=MESSAGES, max_tokens=6, temperature=1.0,
                                                  seed=5, logprobs=True)
     assert [e.logprob for e in plain.choices[0].logprobs.content] != pytest.approx(expected, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- hardening
+
+KEY = "sk-test-SERVER-KEY-0123456789"
+
+
+@contextlib.contextmanager
+def serve_keyed(app):
+    """uvicorn serving a key-protected ``app`` on a free 127.0.0.1 port (``serve_app`` waits for a
+    keyless 200 from /models); yields the ``/v1`` URL."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    _wait_until(lambda: server.started)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _wait_until(condition, what: str = "the server", seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not get there")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def keyed_url(tiny_loaded):
+    with serve_keyed(create_app(tiny_loaded, api_key=KEY)) as url:
+        yield url
+
+
+def test_api_key_is_required_everywhere(keyed_url, caplog):
+    caplog.set_level(logging.DEBUG)
+    with openai.OpenAI(base_url=keyed_url, api_key="sk-wrong-key", max_retries=0, timeout=30) as wrong:
+        with pytest.raises(openai.AuthenticationError) as err:
+            wrong.models.list()
+        assert err.value.code == "invalid_api_key" and "sk-wrong-key" not in str(err.value)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=2)
+    for headers in ({}, {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY}x"}):
+        resp = httpx.get(f"{keyed_url}/models", headers=headers, timeout=10)
+        assert resp.status_code == 401 and resp.json()["error"]["type"] == "invalid_request_error"
+        assert resp.headers["www-authenticate"] == "Bearer" and KEY not in resp.text
+    with openai.OpenAI(base_url=keyed_url, api_key=KEY, max_retries=0, timeout=30) as right:
+        assert [m.id for m in right.models.list().data] == [TINY]
+        assert right.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=2).choices
+    assert KEY not in caplog.text
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(smol_tokenizer, tmp_path_factory):
+    """A 2-layer random model saved as a local model directory (what ``serve-model --model`` loads)."""
+    from persona_ops.models.loading import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_model("llama", num_layers=2, hidden=64, vocab_tokenizer=smol_tokenizer).save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return path
+
+
+def _serve_model_cli(args: list[str], monkeypatch, env: dict | None = None):
+    """``persona-ops serve-model ARGS`` up to where it would start serving: the result and the app it built."""
+    built = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: built.append(app))
+    result = CliRunner().invoke(cli_app, ["serve-model", *args], env=env)
+    return result, (built[0] if built else None)
+
+
+def test_serve_model_takes_the_key_and_limits_from_the_command_line(tiny_dir, monkeypatch):
+    help_text = CliRunner().invoke(cli_app, ["serve-model", "--help"], env={API_KEY_ENV: KEY}).output
+    assert API_KEY_ENV in help_text and KEY not in help_text
+    result, served = _serve_model_cli(["--model", str(tiny_dir), "--max-queue", "3", "--max-request-tokens", "100"],
+                                      monkeypatch, env={API_KEY_ENV: KEY})
+    assert result.exit_code == 0, result.output
+    assert KEY not in result.output and served.state.admission.capacity == 4
+    with serve_keyed(served) as url:
+        assert httpx.get(f"{url}/models", timeout=10).status_code == 401
+        with openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=30) as c:
+            model = c.models.list().data[0].id
+            assert c.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2).choices
+            with pytest.raises(openai.BadRequestError, match="limit is 100 tokens"):
+                c.chat.completions.create(model=model, messages=MESSAGES, n=2, max_tokens=40)
+
+
+def test_unknown_model_is_404(client, steer_client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=2)
+    assert err.value.code == "model_not_found" and TINY in str(err.value)
+    assert client.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=2).model == TINY
+    # the adapters are served models too: listed with their parent, and naming one selects it
+    assert [(m.id, getattr(m, "parent", None)) for m in steer_client.models.list().data] \
+        == [(STEER, None), ("pirate", STEER)]
+    assert _ask(steer_client, model="pirate") == _ask(steer_client, adapter="pirate") != _ask(steer_client)
+
+
+def test_max_tokens_beyond_the_context_is_400(client, tiny_loaded):
+    context = tiny_loaded.model.config.max_position_embeddings
+    with pytest.raises(openai.BadRequestError, match=f"context of {context} tokens"):
+        client.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=context)
+    # n rows x (prompt + max_tokens): the KV cache one request reserves
+    with pytest.raises(openai.BadRequestError, match="limit is 32768 tokens"):
+        client.chat.completions.create(model=TINY, messages=MESSAGES, n=32, max_tokens=1500)
+
+
+def test_vectors_are_checked_against_the_model_at_startup(tiny_dir, tiny_loaded, tmp_path, monkeypatch):
+    files = {}
+    for name, shape in {"good": (3, 64), "wide": (3, 32), "deep": (5, 64)}.items():
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_vectors(files[name], {"response_avg": torch.zeros(shape)}, {})
+    for bad, found in (("wide", "[3, 32]"), ("deep", "[5, 64]")):
+        result, served = _serve_model_cli(["--model", str(tiny_dir), "--vector", f"good={files['good']}",
+                                           "--vector", f"{bad}={files[bad]}"], monkeypatch)
+        assert result.exit_code == 2 and served is None
+        assert f"{files[bad]}: expected a [3, 64] tensor" in result.output and f"found {found}" in result.output
+    with pytest.raises(InputError, match=r"vector 'evil': expected a \[5, 64\] tensor .* found \[5, 32\]"):
+        create_app(tiny_loaded, vectors={"evil": torch.zeros(5, 32)})
+
+
+def test_steering_layer_out_of_range_is_400(steer_client):
+    for layer in (0, 4, 99):
+        with pytest.raises(openai.BadRequestError, match=r"steering\[0\]\.layer \d+: expected 1\.\.3"):
+            _ask(steer_client, steering=[{"vector": "evil", "layer": layer}])
+
+
+def test_seed_out_of_range_is_400(client):
+    for seed in (2 ** 63, 2 ** 64, -2 ** 63 - 1):
+        with pytest.raises(openai.BadRequestError, match=r"seed: expected an integer in -2\*\*63\.\.2\*\*63-1"):
+            client.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=2, seed=seed)
+    for seed in (-1, 2 ** 63 - 1):
+        assert client.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=2, seed=seed).choices
+
+
+@pytest.mark.parametrize("field, value", [("coef", float("nan")), ("coef", float("inf")), ("tau", float("-inf")),
+                                          ("temperature", float("nan")), ("top_p", float("nan")),
+                                          ("n", float("inf")), ("top_logprobs", float("nan")),
+                                          ("max_tokens", float("inf"))])
+def test_non_finite_numbers_are_400(steer_client, field, value):
+    """The openai client cannot send NaN or infinity (strict JSON); other clients can (Python's json does)."""
+    body = {"model": STEER, "messages": MESSAGES, "max_tokens": 2, "logprobs": True,
+            "steering": [{"vector": "evil", "layer": 2, "kind": "add"}]}
+    if field in ("coef", "tau"):
+        body["steering"][0][field] = value
+    else:
+        body[field] = value
+    resp = httpx.post(f"{steer_client.base_url}chat/completions", content=json.dumps(body), timeout=30,
+                      headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert field in resp.json()["error"]["message"]
+
+
+def test_negative_numbers_are_400(client):
+    for bad in ({"temperature": -0.5}, {"top_p": -0.1}, {"top_p": 0}, {"n": -1}, {"max_tokens": -5},
+                {"logprobs": True, "top_logprobs": -1}):
+        with pytest.raises(openai.BadRequestError, match=next(iter(bad.keys() - {"logprobs"}))):
+            client.chat.completions.create(model=TINY, messages=MESSAGES, **{"max_tokens": 2, **bad})
+
+
+def test_full_queue_is_429_with_retry_after(smol_tokenizer):
+    """One request generating and ``max_queue`` waiting fill the server; the next are refused at once."""
+    from persona_ops.models.loading import LoadedModel, tiny_model
+
+    loaded = LoadedModel(model=tiny_model("llama", num_layers=2, hidden=64, vocab_tokenizer=smol_tokenizer),
+                         tokenizer=smol_tokenizer, label="tiny-gated")
+    app = create_app(loaded, limits=ServerLimits(max_queue=2))
+    admission, gate = app.state.admission, threading.Event()
+
+    def hold(module, args):  # the first request generates only once every request is in or refused
+        gate.wait(60)
+
+    handle = loaded.model.register_forward_pre_hook(hold)
+    try:
+        with serve_app(app) as url, openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60) as c, \
+                ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(_status, c, "tiny-gated") for _ in range(6)]
+            _wait_until(lambda: admission.inside + admission.refused == 6, "six requests")
+            gate.set()
+            answers = sorted(f.result() for f in futures)
+    finally:
+        gate.set()
+        handle.remove()
+    assert answers == [(200, None)] * 3 + [(429, "1")] * 3
+    assert admission.peak == 3 and admission.inside == 0
+
+
+def _status(client, model: str) -> tuple[int, str | None]:
+    """A chat request's HTTP status and Retry-After header."""
+    try:
+        client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=3)
+        return 200, None
+    except openai.APIStatusError as e:
+        return e.status_code, e.response.headers.get("retry-after")
+
+
+def test_oversized_body_is_413(smol_tokenizer):
+    from persona_ops.models.loading import LoadedModel, tiny_model
+
+    loaded = LoadedModel(model=tiny_model("llama", num_layers=2, hidden=64, vocab_tokenizer=smol_tokenizer),
+                         tokenizer=smol_tokenizer, label="tiny-small-bodies")
+    with serve_app(create_app(loaded, limits=ServerLimits(max_body_bytes=4096))) as url, \
+            openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30) as c:
+        with pytest.raises(openai.APIStatusError, match="over 4096 bytes") as err:
+            c.chat.completions.create(model="tiny-small-bodies", messages=[{"role": "user", "content": "x" * 5000}])
+        assert err.value.status_code == 413
+        assert c.chat.completions.create(model="tiny-small-bodies", messages=MESSAGES, max_tokens=2).choices
+        assert c.models.list().data[0].id == "tiny-small-bodies"

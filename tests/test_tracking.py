@@ -133,22 +133,22 @@ def test_tracking_uri(tmp_path, monkeypatch):
 
 
 def test_a_stage_runs_the_same_when_the_tracking_server_is_down(tmp_path, monkeypatch, caplog):
-    """Outputs never depend on MLflow: with the store unreachable the stage warns and runs untracked."""
+    """Outputs never depend on MLflow: with the store unreachable the stage warns, keeps its records
+    in the outbox (tests/test_tracking_outage.py replays them) and makes the same outputs."""
     import logging
 
     shutil.copytree(REPO / "data/traits/extract", tmp_path / "data/traits/extract")
     vec_dir = tmp_path / "outputs/persona_vectors/evil"
     vec_dir.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
-    save_file({"pos.response_avg": torch.randn(3, 5, 8, generator=g), "neg.response_avg": torch.randn(3, 5, 8, generator=g)},
-              str(vec_dir / "activations.safetensors"))
+    save_file({"pos.response_avg": torch.randn(3, 5, 8, generator=g),
+               "neg.response_avg": torch.randn(3, 5, 8, generator=g)}, str(vec_dir / "activations.safetensors"))
     params = params_of({"tracking": {"enabled": True}})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     caplog.set_level(logging.WARNING)
     down = run_stage("vectors", params, tmp_path, "evil")
-    assert down.run_id is None and "runs untracked" in caplog.text
+    assert down.run_id is None and "persona-ops track sync" in caplog.text
+    assert len(list((tmp_path / ".persona-ops/tracking-outbox").glob("*.json"))) == 1
     first = load_vectors(vec_dir / "vectors.safetensors")
     untracked = run_stage("vectors", params_of({}), tmp_path, "evil")
     again = load_vectors(vec_dir / "vectors.safetensors")  # (safetensors orders header keys at random)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -61,3 +63,38 @@ def test_import_rejects_non_tensor_files(tmp_path):
     torch.save({"a": torch.zeros(2)}, bad)
     with pytest.raises(InputError, match="2-D tensor"):
         import_pt([bad])
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_import_refuses_pickles_that_run_code_and_bad_tensors(tmp_path):
+    evil = tmp_path / "evil_response_avg_diff.pt"
+    torch.save(_RunsCode(tmp_path / "pwned"), evil)
+    with pytest.raises(InputError) as info:
+        import_pt([evil])
+    msg = str(info.value)
+    assert msg.startswith(f"{evil}: not a tensor file loadable with weights_only=True (Trying to load unsupported "
+                          "GLOBAL posix.system") and "\n" not in msg
+    assert not (tmp_path / "pwned").exists()
+    for bad, expected in [(torch.zeros(2, 5, 8), "shape [2, 5, 8], expected [layers, hidden]"),
+                          (torch.ones(5, 8, dtype=torch.int32), "dtype int32, expected floating point")]:
+        torch.save(bad, evil)
+        with pytest.raises(InputError, match=re.escape(f"{evil}: response_avg: {expected}")):
+            import_pt([evil])
+
+
+def test_export_checks_names_before_writing(tmp_path):
+    vec = {"response_avg": torch.zeros(5, 8), "../up": torch.zeros(5, 8)}
+    with pytest.raises(InputError, match=r"^v.safetensors: tensor '../up' is not a usable name"):
+        export_pt(vec, tmp_path / "out", "evil", source="v.safetensors")
+    with pytest.raises(InputError, match=r"^trait '/abs' is not a usable name"):
+        export_pt({"response_avg": torch.zeros(5, 8)}, tmp_path / "out", "/abs")
+    assert not (tmp_path / "out").exists()

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from persona_ops.cli.common import fail, prefect_env
+from persona_ops.cli.common import fail, prefect_env, quiet_input_errors
 from persona_ops.errors import InputError
 from persona_ops.pipelines import registry
 
@@ -29,16 +29,20 @@ def run(pipeline: str = typer.Argument(..., help=f"Pipeline: {', '.join(registry
     server): its stages and every stage item that makes their inputs, in one process (each model
     loaded once), skipping what DVC has up to date and committing what ran, so a later
     `dvc repro` has nothing to do. One run per checkout at a time."""
+    from persona_ops.pipelines import launch, runner
     from persona_ops.pipelines.workspace import workspace_lock
 
-    try:
-        registry.pipeline_named(pipeline)
-        with workspace_lock(root, pipeline):  # busy: say so before starting Prefect (the flow locks again)
-            pass
+    try:  # busy workspace, bad parameters, missing inputs: one line, before Prefect starts
+        p = registry.pipeline_named(pipeline)
+        with workspace_lock(root, pipeline):  # (the flow locks again)
+            params = launch.prepare(root, None, list(set_), write=False)
+            runner.check(registry.plan(p, params, root), runner.Context(root, params, pipeline=pipeline))
     except InputError as e:
         fail(e)
     prefect_env()
     from flows.pipelines import FLOWS
+
+    quiet_input_errors()
 
     try:
         outcome = FLOWS[pipeline](params=None, overrides=list(set_), root=str(root))
@@ -122,8 +126,13 @@ def results(pipeline: str = typer.Argument("persona-vectors", help="Pipeline who
         from persona_ops.tracking import registry as models
         from persona_ops.tracking import store
 
-        store.configure(root)
-        typer.echo(models.format_summary(models.summary(pipeline, alias=params.tracking.alias)))
+        try:
+            store.configure(root)
+            typer.echo(models.format_summary(models.summary(pipeline, alias=params.tracking.alias)))
+        except Exception as e:  # the outputs are complete; only the registry listing is missing
+            typer.echo(f"MLflow is unavailable ({type(e).__name__}); registered versions not shown "
+                       "(what could not be sent is replayed by `persona-ops track sync`)")
+            return
         typer.echo("Browse with: mlflow/start-server.sh  (then http://127.0.0.1:5000); "
                    "lineage of a result: persona-ops lineage models:/NAME@" + params.tracking.alias)
 

@@ -25,7 +25,8 @@ def register(app: typer.Typer) -> None:
 
 
 @data_app.command("check")
-def data_check(paths: list[Path] = typer.Argument(..., help="Files or directories (walked for *.json, *.jsonl).")) -> None:
+def data_check(paths: list[Path] = typer.Argument(..., help="Files or directories (walked for *.json, *.jsonl)."),
+               ) -> None:
     """Validate trait files, role files, question lists and chat datasets (format detected).
     Prints one summary line per file, or `path[:line]: what is wrong` and exits 1."""
     from persona_ops.data import check_main
@@ -40,16 +41,30 @@ def serve_model(model: str = typer.Option("embedded", help="embedded | HF id[@re
                 dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
                 device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
                 vector: list[str] = typer.Option([], help="NAME=FILE: a vector file requests can steer with "
-                                                          "(extra_body={'steering': [{'vector': NAME, 'layer': L, 'coef': C}]})."),
+                                                          "(extra_body={'steering': [{'vector': NAME, 'layer': L, "
+                                                          "'coef': C}]}); checked against the model's layers and "
+                                                          "hidden size."),
                 adapter: list[str] = typer.Option([], help="NAME=DIR: a LoRA adapter checkpoint requests can "
-                                                           "select (extra_body={'adapter': NAME})."),
+                                                           "select (model=NAME or extra_body={'adapter': NAME})."),
                 capping: Optional[Path] = typer.Option(None, help="A capping spec (outputs/persona_space/"
                                                        "capping.safetensors): Assistant-Axis capping on every "
-                                                       "request unless it sends extra_body={'capping': False}.")
+                                                       "request unless it sends extra_body={'capping': False}."),
+                api_key: Optional[str] = typer.Option(None, envvar="PERSONA_OPS_SERVER_API_KEY", show_default=False,
+                                                      help="A key every request must send (Authorization: Bearer "
+                                                           "KEY). Safer in the environment variable "
+                                                           "PERSONA_OPS_SERVER_API_KEY than here: a command-line "
+                                                           "argument is visible to every user of the machine (ps)."),
+                served_model_name: Optional[str] = typer.Option(None, help="The model's id in /v1/models, which "
+                                                                "requests name (default: id@revision)."),
+                max_queue: int = typer.Option(16, min=0, help="Requests waiting for the model besides the one "
+                                                              "generating; more are refused with 429."),
+                max_request_tokens: int = typer.Option(32768, min=1, help="The most n x (prompt + max_tokens) "
+                                                                          "one request may take (its KV cache); "
+                                                                          "more is refused with 400.")
                 ) -> None:
     """Serve a local model over an OpenAI-compatible API (/v1/chat/completions, /v1/models),
     with per-request steering, LoRA adapters and activation capping."""
-    from persona_ops.inference.server import serve
+    from persona_ops.inference.server import ServerLimits, serve
 
     def pairs(items: list[str], what: str) -> dict[str, str]:
         bad = [x for x in items if "=" not in x]
@@ -60,7 +75,8 @@ def serve_model(model: str = typer.Option("embedded", help="embedded | HF id[@re
     try:
         serve(model=model, revision=revision, host=host, port=port, dtype=dtype, device=device,
               vectors=pairs(vector, "vector"), adapters=pairs(adapter, "adapter"),
-              capping=str(capping) if capping else None)
+              capping=str(capping) if capping else None, api_key=api_key or None, served_name=served_model_name,
+              limits=ServerLimits(max_queue=max_queue, max_request_tokens=max_request_tokens))
     except InputError as e:
         fail(e)
 
@@ -68,31 +84,37 @@ def serve_model(model: str = typer.Option("embedded", help="embedded | HF id[@re
 @vectors_app.command("show")
 def vectors_show(path: Path = typer.Argument(..., help="A persona-ops vector file (.safetensors).")) -> None:
     """Print the aggregates, shapes, per-layer norms and metadata of a vector file."""
-    from persona_ops.interp.vectors import load_vectors
+    from persona_ops.interp.vectors import load_vector_file
+    from persona_ops.names import printable
 
     try:
-        vecs, meta = load_vectors(path)
+        vecs, meta = load_vector_file(path)
     except InputError as e:
         fail(e)
     for k, v in vecs.items():
-        norms = ", ".join(f"{x:.2f}" for x in v.norm(dim=-1).tolist()) if v.dim() == 2 else "-"
-        typer.echo(f"{k}: shape {list(v.shape)}; norm per layer: {norms}")
+        norms = ", ".join(f"{x:.2f}" for x in v.norm(dim=-1).tolist())
+        typer.echo(printable(f"{k}: shape {list(v.shape)}; norm per layer: {norms}"))
     for k, v in meta.items():
-        typer.echo(f"{k}: {v if len(v) < 300 else v[:300] + '...'}")
+        typer.echo(printable(f"{k}: {v if len(v) < 300 else v[:300] + '...'}"))
 
 
 @vectors_app.command("export")
 def vectors_export(path: Path = typer.Argument(..., help="A persona-ops vector file (.safetensors)."),
                    out_dir: Path = typer.Argument(..., help="Directory for {trait}_{aggregate}_diff.pt files."),
                    trait: Optional[str] = typer.Option(None, help="Trait name (default: from the file).")) -> None:
-    """Export to persona_vectors' .pt layout (one [num_layers+1, hidden] tensor per file)."""
-    from persona_ops.interp.vectors import export_pt, load_vectors
+    """Export to persona_vectors' .pt layout (one [num_layers+1, hidden] tensor per file).
+    The trait and aggregate names must be safe names: they become file names inside OUT_DIR."""
+    from persona_ops.interp.vectors import export_pt, load_vector_file
+    from persona_ops.names import check_name
 
     try:
-        vecs, meta = load_vectors(path)
+        vecs, meta = load_vector_file(path)
+        if trait is not None:
+            check_name(trait, "trait", "--trait")
+        written = export_pt(vecs, out_dir, trait or meta.get("trait", path.stem), source=path)
     except InputError as e:
         fail(e)
-    for p in export_pt(vecs, out_dir, trait or meta.get("trait", path.stem)):
+    for p in written:
         typer.echo(f"wrote {p}")
 
 
@@ -102,8 +124,10 @@ def vectors_import(pt_files: list[Path] = typer.Argument(..., help="persona_vect
                    trait: str = typer.Option(..., help="Trait name recorded in the file.")) -> None:
     """Import persona_vectors .pt files (read with torch.load(weights_only=True)) into one file."""
     from persona_ops.interp.vectors import import_pt, save_vectors
+    from persona_ops.names import check_name
 
     try:
+        check_name(trait, "trait", "--trait")
         vecs = import_pt(pt_files)
     except InputError as e:
         fail(e)
@@ -112,21 +136,35 @@ def vectors_import(pt_files: list[Path] = typer.Argument(..., help="persona_vect
 
 
 @vectors_app.command("report")
-def vectors_report(paths: list[Path] = typer.Argument(..., help="Vector files (.safetensors), e.g. outputs/persona_vectors/*/vectors.safetensors."),
-                   out_dir: Path = typer.Option(Path("outputs/reports/geometry"), "--out", "-o", help="Output directory."),
+def vectors_report(paths: list[Path] = typer.Argument(..., help="Vector files (.safetensors), e.g. "
+                                                                "outputs/persona_vectors/*/vectors.safetensors."),
+                   out_dir: Path = typer.Option(Path("outputs/reports/geometry"), "--out", "-o",
+                                                help="Output directory."),
                    layer: int = typer.Option(20, help="Layer for the cosine matrix (hidden_states index)."),
-                   aggregate: str = typer.Option("response_avg", help="prompt_avg | response_avg | prompt_last.")) -> None:
+                   aggregate: str = typer.Option("response_avg", help="prompt_avg | response_avg | prompt_last."),
+                   ) -> None:
     """Cosine-similarity matrix and per-layer norms of several vectors: HTML (plotly) + PNGs."""
-    from persona_ops.interp.vectors import load_vectors
+    from persona_ops.interp.vectors import load_vector_file
+    from persona_ops.names import check_name
     from persona_ops.reports.geometry import vector_geometry_report
 
-    vectors = {}
+    vectors: dict = {}
+    sources: dict[str, Path] = {}
     try:
         for p in paths:
-            vecs, meta = load_vectors(p)
-            if aggregate not in vecs:
-                raise InputError(f"{p}: no {aggregate!r} tensor (has {sorted(vecs)})")
-            vectors[meta.get("trait", p.stem)] = vecs[aggregate]
+            tensors, meta = load_vector_file(p)
+            if aggregate not in tensors:
+                raise InputError(f"{p}: no {aggregate!r} tensor (has {sorted(tensors)})")
+            vector = tensors[aggregate]
+            name = check_name(meta.get("trait", p.stem), "trait", str(p))
+            if name in sources:
+                raise InputError(f"{p}: trait {name!r} is also the trait of {sources[name]}, expected one file "
+                                 "per trait")
+            first = next(iter(sources), None)
+            if first is not None and vector.shape != vectors[first].shape:
+                raise InputError(f"{p}: {aggregate} shape {list(vector.shape)} differs from {sources[first]}'s "
+                                 f"{list(vectors[first].shape)}, expected vectors of one model")
+            vectors[name], sources[name] = vector, p
         rows = next(iter(vectors.values())).shape[0]
         if not 0 <= layer < rows:
             raise InputError(f"--layer {layer}: expected 0..{rows - 1}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Protocol, Sequence
+from typing import Callable, Literal, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,6 +45,8 @@ class EndpointCfg(BaseModel):
     max_concurrency: int = Field(16, ge=1)
     max_retries: int = Field(5, ge=0)
     timeout: float = Field(300.0, gt=0)
+    backoff_base: float = Field(1.0, ge=0)  # seconds before the first retry (doubling, with jitter) ...
+    backoff_max: float = Field(60.0, ge=0)  # ... up to this; a server's Retry-After wins
 
 
 class VLLMCfg(BaseModel):
@@ -183,20 +185,37 @@ class OpenAIGenerator:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.label = f"openai:{cfg.model}@{cfg.base_url or 'https://api.openai.com/v1'}"
         self.endpoint = OpenAIEndpoint(f"{section} (openai backend)", cfg.model, cfg.base_url, cfg.api_key_env,
-                                       cfg.max_concurrency, cfg.max_retries, cfg.timeout)
+                                       cfg.max_concurrency, cfg.max_retries, cfg.timeout, cfg.backoff_base,
+                                       cfg.backoff_max)
 
-    def generate(self, chats: Sequence[list[dict]], sampling, batch_size: int = 32) -> list[str]:
-        """Requests run ``max_concurrency`` at a time (``batch_size`` is unused)."""
+    def generate(self, chats: Sequence[list[dict]], sampling, batch_size: int = 32,
+                 on_result: Callable[[range, list[str]], None] | None = None) -> list[str]:
+        """Requests run ``max_concurrency`` at a time (``batch_size`` is unused).
+
+        ``on_result(indices, answers)`` receives the answers of each request (the chats at
+        ``indices``) as it arrives, so a caller can keep them when other requests fail; the error
+        comes once every request has ended (see :class:`~persona_ops.inference.openai_client.OpenAIEndpoint`).
+        """
+        from persona_ops.inference.openai_client import UnusableReply
+
         async def complete(client, job: tuple[int, tuple[int, int]]) -> list[str]:
             r, (start, n) = job
             resp = await client.chat.completions.create(
                 model=self.cfg.model, messages=chats[start], n=n, temperature=sampling.temperature,
                 top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, seed=sampling.seed + r)
-            answers = [(c.message.content or "").strip() for c in sorted(resp.choices, key=lambda c: c.index)]
+            try:
+                answers = [(c.message.content or "").strip() for c in sorted(resp.choices, key=lambda c: c.index)]
+            except (AttributeError, TypeError):
+                raise UnusableReply("reply without choices") from None
             if len(answers) != n:
                 raise InputError(f"{self.label}: asked for n={n} completions, got {len(answers)} "
                                  "(does the server support n > 1?)")
             return answers
 
-        results = self.endpoint.map(complete, list(enumerate(_runs(chats, _MAX_N))))
+        def keep(j: int, answers: list[str]) -> None:
+            start, n = jobs[j][1]
+            on_result(range(start, start + n), answers)
+
+        jobs = list(enumerate(_runs(chats, _MAX_N)))
+        results = self.endpoint.map(complete, jobs, keep if on_result is not None else None)
         return [a for answers in results for a in answers]

@@ -1,29 +1,41 @@
 """The project's OpenAI-compatible client: the API key read from an environment variable (never
 shown), at most ``max_concurrency`` requests in flight, and retries with backoff.
 
-Rate limits (429), server errors (5xx), timeouts and connection errors are retried with
-exponential backoff and jitter, honouring ``Retry-After``; other 4xx fail at once. The API
-key never appears in an error message. The judge and the ``openai`` generation backend both
-call through :class:`OpenAIEndpoint`.
+Rate limits (429), server errors (5xx), timeouts, dropped connections and unusable 200 replies
+(a malformed body, or one the caller rejects with :class:`UnusableReply`, e.g. no logprobs) are
+retried with exponential backoff and jitter, honouring ``Retry-After``; other 4xx fail at once.
+A failed request does not stop the others: each result is handed to ``on_result`` as it
+arrives (so the caller can keep it), and once every request has finished, one error says how
+many failed and why: :class:`~persona_ops.errors.TransientError` when only network, rate-limit
+or server failures outlasted the retries (a later attempt may succeed),
+:class:`~persona_ops.errors.ServiceError` when a reply stayed unusable or a request was refused
+(a retry cannot help). 401/403/404 concern every request: the requests not yet sent are not sent.
+The API key never appears in an error message. The judge and the ``openai`` generation backend
+both call through :class:`OpenAIEndpoint`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import random
 import re
+from collections import Counter
 from typing import Awaitable, Callable, Sequence, TypeVar
 from urllib.parse import urlparse
 
 import openai
+import pydantic
 
-from persona_ops.errors import InputError, TransientError
+from persona_ops.errors import InputError, ServiceError, TransientError
 
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 _KEY_PATTERN = re.compile(r"\bsk-[A-Za-z0-9_*\-]{4,}")
 _MAX_DELAY = 300.0
+_ENDPOINT_WIDE = {401, 403, 404}  # a bad key, no access, a wrong URL or model: every request would fail
+_REASONS_SHOWN = 3
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -50,6 +62,22 @@ def _retry_after(headers) -> float | None:
             except ValueError:
                 pass  # an HTTP date: fall back to our own backoff
     return None
+
+
+class UnusableReply(Exception):
+    """Raised by a request function when a 200 reply lacks what it needs (e.g. logprobs): retried
+    like a server error, then reported as a :class:`~persona_ops.errors.ServiceError`."""
+
+
+class _Failed(Exception):
+    """One request's final failure: why, and whether a later attempt may succeed."""
+
+    def __init__(self, reason: str, transient: bool, endpoint_wide: bool = False):
+        super().__init__(reason)
+        self.reason, self.transient, self.endpoint_wide = reason, transient, endpoint_wide
+
+
+_NOT_SENT = "not sent"
 
 
 class OpenAIEndpoint:
@@ -80,27 +108,50 @@ class OpenAIEndpoint:
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIEndpoint(model={self.model!r}, base_url={self.base_url!r})"
 
-    def map(self, call: Callable[[openai.AsyncOpenAI, T], Awaitable[R]], items: Sequence[T]) -> list[R]:
+    def map(self, call: Callable[[openai.AsyncOpenAI, T], Awaitable[R]], items: Sequence[T],
+            on_result: Callable[[int, R], None] | None = None) -> list[R]:
         """``call(client, item)`` for every item, concurrently and with retries; results in
-        input order. Blocking; usable from any thread, with or without a running event loop."""
+        input order, and each one passed to ``on_result(index, result)`` as soon as it arrives.
+        Blocking; usable from any thread, with or without a running event loop."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.amap(call, items))
+            return asyncio.run(self.amap(call, items, on_result))
         # Called from inside a running loop (a notebook): run ours on a helper thread.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, self.amap(call, items)).result()
+            return pool.submit(asyncio.run, self.amap(call, items, on_result)).result()
 
-    async def amap(self, call: Callable[[openai.AsyncOpenAI, T], Awaitable[R]], items: Sequence[T]) -> list[R]:
-        """:meth:`map` inside an event loop."""
+    async def amap(self, call: Callable[[openai.AsyncOpenAI, T], Awaitable[R]], items: Sequence[T],
+                   on_result: Callable[[int, R], None] | None = None) -> list[R]:
+        """:meth:`map` inside an event loop. Every request runs to its end before a failure is
+        raised (see the module docstring); ``on_result`` runs on the loop's thread, one at a time."""
         semaphore = asyncio.Semaphore(self.max_concurrency)
+        stop: list[_Failed] = []  # an endpoint-wide refusal: send nothing more
+
         async with openai.AsyncOpenAI(api_key=self._api_key, base_url=self.base_url, max_retries=0,
                                       timeout=self.timeout) as client:
-            async def one(item: T) -> R:
+            async def one(index: int, item: T) -> R:
                 async with semaphore:
-                    return await self._with_retries(call, client, item)
+                    if stop:
+                        raise _Failed(_NOT_SENT, stop[0].transient)
+                    try:
+                        result = await self._with_retries(call, client, item)
+                    except _Failed as e:
+                        if e.endpoint_wide:
+                            stop.append(e)
+                        raise
+                if on_result is not None:
+                    on_result(index, result)
+                return result
 
-            return list(await asyncio.gather(*(one(item) for item in items)))
+            outcomes = await asyncio.gather(*(one(i, item) for i, item in enumerate(items)), return_exceptions=True)
+        for outcome in outcomes:  # a bug (in ``call`` or ``on_result``) is raised as it is
+            if isinstance(outcome, BaseException) and not isinstance(outcome, _Failed):
+                raise outcome
+        failures = [o for o in outcomes if isinstance(o, _Failed)]
+        if failures:
+            raise self._summary(failures, len(items))
+        return list(outcomes)
 
     async def _with_retries(self, call, client: openai.AsyncOpenAI, item):
         for attempt in range(self.max_retries + 1):
@@ -111,26 +162,45 @@ class OpenAIEndpoint:
             except openai.APIStatusError as e:
                 status = e.status_code
                 if status != 429 and status < 500:
-                    raise InputError(self._describe(e, f"HTTP {status}")) from None
+                    raise _Failed(self._refusal(e), transient=False, endpoint_wide=status in _ENDPOINT_WIDE) from None
+                if getattr(e, "code", None) == "insufficient_quota":  # a 429 no wait cures: the account is out
+                    raise _Failed(self._refusal(e), transient=False, endpoint_wide=True) from None
                 delay = _retry_after(e.response.headers)
-                reason = f"HTTP {status}"
+                reason, transient = f"HTTP {status}", True
             except openai.APITimeoutError:
-                reason = f"timed out after {self.timeout}s"
+                reason, transient = f"timed out after {self.timeout}s", True
             except openai.APIConnectionError:
-                reason = "connection error"
+                reason, transient = "connection error", True
+            except (json.JSONDecodeError, pydantic.ValidationError, openai.APIResponseValidationError):
+                reason, transient = "malformed reply body", False
+            except UnusableReply as e:
+                reason, transient = str(e), False
+            except InputError as e:  # the caller found the reply wrong in a way a retry cannot change
+                raise _Failed(redact(str(e), self._api_key), transient=False) from None
             if attempt == self.max_retries:
-                raise TransientError(f"{self.who} {self.model}: {reason}; gave up after "
-                                     f"{self.max_retries + 1} attempts") from None
+                raise _Failed(f"{reason}; gave up after {self.max_retries + 1} attempts", transient)
             if delay is None:
                 step = min(self.backoff_max, self.backoff_base * 2 ** attempt)
                 delay = step / 2 + random.uniform(0, step / 2)  # "equal jitter"
             await asyncio.sleep(min(delay, _MAX_DELAY))
         raise AssertionError("unreachable")
 
-    def _describe(self, error: openai.APIStatusError, what: str) -> str:
+    def _summary(self, failures: list[_Failed], total: int) -> Exception:
+        """One error for every failed request: transient only if each failure was."""
+        sent = [f for f in failures if f.reason != _NOT_SENT]
+        reasons = Counter(f.reason for f in sent)
+        shown = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(_REASONS_SHOWN))
+        if len(reasons) > _REASONS_SHOWN:
+            shown += f"; {len(reasons) - _REASONS_SHOWN} other reasons"
+        unsent = len(failures) - len(sent)
+        where = f" at {self.base_url}" if self.base_url else ""
+        message = (f"{self.who} {self.model}{where}: {len(sent)} of {total} requests failed ({shown})"
+                   + (f", {unsent} not sent" if unsent else "") + f"; {total - len(failures)} succeeded")
+        error = TransientError if all(f.transient for f in sent) else ServiceError
+        return error(redact(message, self._api_key))
+
+    def _refusal(self, error: openai.APIStatusError) -> str:
         # the client unwraps {"error": {...}} bodies; fall back to its own summary
         body = error.body if isinstance(error.body, dict) else {}
         detail = str(body.get("message") or error.message or "")
-        where = f" at {self.base_url}" if self.base_url else ""
-        return redact(f"{self.who} request to {self.model}{where} failed ({what}, not retried): {detail}",
-                      self._api_key)
+        return redact(f"HTTP {error.status_code}, not retried: {detail}", self._api_key)

@@ -115,14 +115,12 @@ def save_capping(path: str | Path, spec: CappingSpec, metadata: dict | None = No
 
 def load_capping(path: str | Path) -> CappingSpec:
     """Read a file written by :func:`save_capping` (e.g. ``outputs/persona_space/capping.safetensors``)."""
-    from persona_ops.interp.vectors import decode_metadata, load_vectors
+    from persona_ops.interp.vectors import NotSafetensorsError, decode_metadata, load_vectors
 
     try:
         tensors, raw = load_vectors(path)
-    except InputError:
-        raise
-    except Exception as e:  # not a safetensors file (e.g. the capping.json summary)
-        raise InputError(f"{path}: not a capping spec ({type(e).__name__}: {e})") from None
+    except NotSafetensorsError as e:  # e.g. the capping.json summary
+        raise InputError(f"{path}: not a capping spec ({e.reason})") from None
     if raw.get("format") != _FORMAT or any(k not in tensors for k in ("vectors", "tau", "layers")):
         raise InputError(f"{path}: not a capping spec (expected format {_FORMAT} with vectors, tau, layers; "
                          "the persona-space pipeline's capping stage writes one)")

@@ -4,6 +4,10 @@ A vector file is safetensors with one ``[num_layers+1, hidden]`` float32 tensor 
 aggregate (``prompt_avg``, ``response_avg``, ``prompt_last``); row ``L`` is
 ``hidden_states[L]`` (0 = embeddings). The header's metadata holds the layer
 convention, trait, model, sample counts and provenance (JSON strings).
+
+Files are read as untrusted: any unreadable file, a tensor that is not a finite float
+``[layers, hidden]`` and a name (trait, tensor) that is not a safe name before it becomes a
+path are each one ``InputError`` naming the file.
 """
 
 from __future__ import annotations
@@ -13,13 +17,22 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from persona_ops.errors import InputError
 from persona_ops.io import atomic_path
+from persona_ops.names import check_name
 
 LAYER_CONVENTION = "row L = hidden_states[L]; 0 = embedding output, L>=1 = output of decoder block L-1"
+
+
+class NotSafetensorsError(InputError):
+    """A file that is not (or no longer, e.g. truncated) a safetensors file; ``reason`` says why."""
+
+    def __init__(self, path: Path, reason: str):
+        self.reason = reason
+        super().__init__(f"{path}: not a safetensors file ({reason})")
 
 
 class FilterThresholds(BaseModel):
@@ -88,19 +101,56 @@ def save_vectors(path: str | Path, vectors: dict[str, torch.Tensor], metadata: d
 
 
 def load_vectors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor (any shape and dtype) and the raw metadata of a safetensors file."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found")
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a .safetensors file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file (a FIFO, device or socket), expected a .safetensors file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise NotSafetensorsError(path, (str(e).strip().splitlines() or [type(e).__name__])[0]) from None
+
+
+def check_vector(path: str | Path, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a float32 persona vector ``[num_layers + 1, hidden]``; InputError if it is not one."""
+    where = f"{path}: {name}"
+    if not tensor.dtype.is_floating_point:
+        raise InputError(f"{where}: dtype {str(tensor.dtype).removeprefix('torch.')}, expected floating point")
+    shape = list(tensor.shape)
+    if tensor.dim() != 2:
+        raise InputError(f"{where}: shape {shape}, expected [layers, hidden] (row L = hidden_states[L])")
+    if 0 in shape:
+        raise InputError(f"{where}: shape {shape}, expected at least one layer and a hidden size above 0")
+    tensor = tensor.float()
+    if not torch.isfinite(tensor).all():
+        raise InputError(f"{where}: NaN or infinite values, expected finite numbers")
+    return tensor
+
+
+def load_vector_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A persona vector file: its aggregates (each checked by :func:`check_vector`, one shape for all)
+    and raw metadata."""
+    tensors, meta = load_vectors(path)
+    if not tensors:
+        raise InputError(f"{path}: no tensors, expected one [layers, hidden] tensor per aggregate")
+    vecs = {k: check_vector(path, k, v) for k, v in tensors.items()}
+    shapes = {k: list(v.shape) for k, v in vecs.items()}
+    if len({tuple(s) for s in shapes.values()}) > 1:
+        raise InputError(f"{path}: aggregates of different shapes ({shapes}), expected one [layers, hidden]")
+    return vecs, meta
 
 
 def load_aggregate(path: str | Path, aggregate: str) -> torch.Tensor:
-    """The ``[num_layers + 1, hidden]`` tensor of one aggregate of a vector file."""
+    """The ``[num_layers + 1, hidden]`` tensor of one aggregate of a vector file (float32, checked)."""
     vecs, _ = load_vectors(path)
     if aggregate not in vecs:
         raise InputError(f"{path}: no {aggregate!r} tensor (has {sorted(vecs)})")
-    return vecs[aggregate]
+    return check_vector(path, aggregate, vecs[aggregate])
 
 
 def decode_metadata(raw: dict[str, str]) -> dict:
@@ -114,19 +164,24 @@ def decode_metadata(raw: dict[str, str]) -> dict:
     return out
 
 
-def export_pt(vectors: dict[str, torch.Tensor], out_dir: str | Path, trait: str) -> list[Path]:
+def export_pt(vectors: dict[str, torch.Tensor], out_dir: str | Path, trait: str,
+              source: str | Path | None = None) -> list[Path]:
     """Write persona_vectors' layout: ``{trait}_{aggregate}_diff.pt``, each ``[rows, hidden]``.
 
-    These are plain tensors (loadable with ``torch.load(weights_only=True)``).
+    These are plain tensors (loadable with ``torch.load(weights_only=True)``). ``trait`` and the
+    aggregate names (often read from a file, ``source``) must be safe names: they become file names
+    inside ``out_dir``, checked before anything is written.
     """
-    out_dir = Path(out_dir)
-    paths = []
+    where = str(source) if source is not None else None
+    check_name(trait, "trait", where)
     for k, v in vectors.items():
-        p = out_dir / f"{trait}_{k}_diff.pt"
+        check_name(k, "tensor", where)
+        check_vector(source or "vectors", k, v)
+    paths = {k: Path(out_dir) / f"{trait}_{k}_diff.pt" for k in vectors}
+    for k, p in paths.items():
         with atomic_path(p) as tmp:
-            torch.save(v.clone(), tmp)
-        paths.append(p)
-    return paths
+            torch.save(vectors[k].clone(), tmp)
+    return list(paths.values())
 
 
 def import_pt(paths: list[str | Path]) -> dict[str, torch.Tensor]:
@@ -136,11 +191,11 @@ def import_pt(paths: list[str | Path]) -> dict[str, torch.Tensor]:
         try:
             t = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise InputError(f"{p}: not a tensor file loadable with weights_only=True: {e}") from None
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise InputError(f"{p}: expected a 2-D tensor [num_layers+1, hidden], got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
+            reason = next((x for x in str(e).splitlines() if "GLOBAL" in x), str(e).strip().split("\n")[0])
+            raise InputError(f"{p}: not a tensor file loadable with weights_only=True ({reason.strip()})") from None
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{p}: expected a 2-D tensor [num_layers+1, hidden], got {type(t).__name__}")
         stem = p.stem.removesuffix("_diff")
         kind = next((a for a in ("prompt_avg", "response_avg", "prompt_last") if stem.endswith(a)), stem)
-        out[kind] = t.float()
+        out[kind] = check_vector(p, kind, t)
     return out

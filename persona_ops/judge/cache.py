@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import inspect
 import json
 import os
 import sqlite3
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from persona_ops.errors import InputError
+from persona_ops.errors import InputError, TransientError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS judgements (
@@ -107,7 +108,11 @@ class CachedJudge:
 
     Only prompts missing from the cache (for this backend's ``label`` and scale) go to
     the backend, each once however often it repeats; ``backend_calls`` counts the
-    prompts sent, so a rerun of a finished stage shows 0.
+    prompts sent, so a rerun of a finished stage shows 0. Misses go in chunks of
+    ``chunk_size``; a backend that streams its results (``score_prompts(..., on_result=)``,
+    the OpenAI judge) has each judgement stored as it arrives, so when some requests of a
+    chunk fail the others are kept; the error is raised after the chunk, and the later chunks
+    are not asked (a rerun asks only what is missing).
     """
 
     def __init__(self, backend, cache: JudgeCache, chunk_size: int = 256):
@@ -116,6 +121,7 @@ class CachedJudge:
         self.chunk_size = chunk_size  # misses are scored and stored in chunks: a crash keeps progress
         self.backend_calls = 0
         self._lock = threading.Lock()
+        self._streams = "on_result" in inspect.signature(backend.score_prompts).parameters
 
     @property
     def label(self) -> str:
@@ -130,13 +136,27 @@ class CachedJudge:
             chunk = misses[i:i + self.chunk_size]
             with self._lock:
                 self.backend_calls += len(chunk)
-            results = self.backend.score_prompts(chunk, lo, hi)
-            rows = [(cache_key(self.backend.label, p), score, probs, lo, hi)
-                    for p, (score, probs) in zip(chunk, results)]
+            try:
+                self._score_chunk(chunk, lo, hi, found)
+            except (TransientError, InputError) as e:
+                left = len(misses) - i - len(chunk)
+                if not left:
+                    raise
+                raise type(e)(f"{e}; {left} more prompts not asked (a rerun asks only what is missing)") from None
+        return [found[k] for k in keys]
+
+    def _score_chunk(self, chunk: list[str], lo: int, hi: int, found: dict[str, CachedScore]) -> None:
+        """Score ``chunk`` with the backend; store every judgement in the cache and ``found``."""
+        def keep(rows) -> None:
+            rows = [(cache_key(self.backend.label, p), score, probs, lo, hi) for p, (score, probs) in rows]
             self.cache.put_many(rows)
             for key, score, probs, _, _ in rows:
                 found[key] = CachedScore(score, dict(probs), lo, hi)
-        return [found[k] for k in keys]
+
+        if self._streams:
+            self.backend.score_prompts(chunk, lo, hi, on_result=lambda j, result: keep([(chunk[j], result)]))
+        else:
+            keep(zip(chunk, self.backend.score_prompts(chunk, lo, hi)))
 
     def score(self, prompts: list[str], lo: int = 0, hi: int = 100) -> list[float | None]:
         """The score of each prompt (None where the judge gave no usable number)."""
@@ -169,7 +189,8 @@ def make_judge(cfg, root: str | os.PathLike = ".", load=None) -> CachedJudge:
         if not o.model:
             raise InputError("judge.openai.model: the served model's name is required with judge.backend=openai")
         judge = OpenAIJudge(o.model, base_url=o.base_url, api_key_env=o.api_key_env,
-                            max_concurrency=o.max_concurrency, max_retries=o.max_retries, timeout=o.timeout)
+                            max_concurrency=o.max_concurrency, max_retries=o.max_retries, timeout=o.timeout,
+                            backoff_base=o.backoff_base, backoff_max=o.backoff_max)
     else:
         raise InputError(f"judge.backend: expected local|openai, got {cfg.backend!r}")
     return CachedJudge(judge, JudgeCache(cache))

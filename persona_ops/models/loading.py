@@ -7,9 +7,12 @@ copy under the cache directory; later loads read that copy in a few seconds.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
+import pickle
+import re
 import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from persona_ops.errors import InputError
@@ -159,6 +163,21 @@ def model_source(name: str, revision: str | None = None) -> tuple[str, dict]:
     return name, ({"revision": revision} if revision else {})
 
 
+@functools.lru_cache(maxsize=32)
+def model_config(name: str = EMBEDDED, revision: str | None = None):
+    """A model reference's HF config, read without its weights (what input checks need)."""
+    path, kwargs = model_source(name, revision)
+    try:
+        return AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise InputError(f"model.name={name!r} (revision {revision!r}) cannot be found: {e}") from None
+
+
+def num_layers(config) -> int:
+    """Decoder blocks of a model config (hidden_states has one row more: the embeddings)."""
+    return config.get_text_config().num_hidden_layers
+
+
 def load_tokenizer(name: str = EMBEDDED, revision: str | None = None):
     """The tokenizer of a model reference alone (prepared like :func:`load_model`'s)."""
     path, kwargs = model_source(name, revision)
@@ -166,6 +185,21 @@ def load_tokenizer(name: str = EMBEDDED, revision: str | None = None):
         return prepare_tokenizer(AutoTokenizer.from_pretrained(path, **kwargs))
     except OSError as e:
         raise InputError(f"model.name={name!r} (revision {revision!r}): no tokenizer: {e}") from None
+
+
+def _load_error(name: str, revision: str | None, path: str, what: str, e: Exception) -> InputError:
+    """One line for a model or tokenizer that cannot be loaded (a broken or hostile checkpoint)."""
+    if isinstance(e, pickle.UnpicklingError):  # torch.load(weights_only=True) met a pickle that runs code
+        weights = sorted(Path(path).glob("*.bin")) if Path(path).is_dir() else []
+        where = ", ".join(map(str, weights)) or f"model.name={name!r} (revision {revision!r})"
+        blocked = re.search(r"GLOBAL (\S+)", str(e))
+        return InputError(f"{where}: refused: pickled weights that would run code"
+                          f"{f' ({blocked.group(1)})' if blocked else ''}, only plain tensors are loaded; "
+                          "convert the checkpoint to safetensors (model.safetensors) from a trusted copy")
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if "ignore_mismatched_sizes" in reason:
+        reason = "the weights' shapes do not match config.json (transformers' report above lists them)"
+    return InputError(f"model.name={name!r} (revision {revision!r}): {what} could not be loaded: {reason}")
 
 
 def load_model(name: str = EMBEDDED, revision: str | None = None, dtype: str = "auto",
@@ -179,11 +213,15 @@ def load_model(name: str = EMBEDDED, revision: str | None = None, dtype: str = "
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     path, kwargs = model_source(name, revision)
+    what = "tokenizer"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        what = "model"
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
-    except OSError as e:
-        raise InputError(f"model.name={name!r} (revision {revision!r}) could not be loaded: {e}") from None
+    except torch.cuda.OutOfMemoryError:  # a RuntimeError, but not the checkpoint's fault
+        raise
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
+        raise _load_error(name, revision, path, what, e) from None
     model.to(dev).eval()
     return LoadedModel(model=model, tokenizer=prepare_tokenizer(tokenizer), label=base_label(name, revision))
 

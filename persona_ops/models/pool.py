@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from persona_ops.models.adapters import adapter_sha256, check_checkpoint, strip_lora
-from persona_ops.models.loading import LoadedModel, load_model
+from persona_ops.models.loading import LoadedModel, load_model, model_config
 from persona_ops.models.refs import ModelRef, label
 
 
@@ -76,6 +76,16 @@ class ModelPool:
             strip_lora(base.loaded.model)
             base.peft, base.adapters, base.active = None, {}, None
         return base.loaded
+
+    def config(self, ref: ModelRef):
+        """The base model's HF config: from memory when loaded, else read without the weights
+        (a pool with its own loader loads the model: there is nothing else to read)."""
+        key = self.key(ref)
+        if key in self._bases:
+            return self._bases[key].loaded.model.config
+        if self.loader is _load_base:
+            return model_config(ref.name, ref.revision)
+        return self._base(ref).loaded.model.config
 
     def clear(self) -> None:
         self._bases.clear()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from persona_ops.io import write_text
+from persona_ops.io import atomic_path, write_text
 from persona_ops.pipelines import registry
 from persona_ops.pipelines.params import (
     Params,
@@ -45,12 +45,14 @@ def _expansions(params: Params, root: Path) -> list[tuple[list[str], Any]]:
     return list({tuple(k): (k, v) for k, v in changes}.values())
 
 
-def prepare(root: Path, sections: dict[str, Any] | None = None, overrides: list[str] = ()) -> Params:
+def prepare(root: Path, sections: dict[str, Any] | None = None, overrides: list[str] = (),
+            write: bool = True) -> Params:
     """Write a run's parameters into ``<root>/params.yaml`` and return them validated.
 
     ``sections``: whole sections (a Prefect flow's typed parameter; only the values that differ
     from params.yaml are written); ``overrides``: ``-S key=value`` strings. Then item lists DVC
-    needs are written out and ``dvc.yaml`` is regenerated if it changed."""
+    needs are written out and ``dvc.yaml`` is regenerated if it changed. ``write=False``: only
+    the validated parameters, nothing written."""
     root = Path(root)
     path = root / "params.yaml"
     data = read_params_data(path)
@@ -65,10 +67,34 @@ def prepare(root: Path, sections: dict[str, Any] | None = None, overrides: list[
     expand = _expansions(params, root)
     if expand:
         params = validate_params(_apply(data, expand), "run parameters")
+    if not write:
+        return params
     if changes or expand:
         edit_params_file(path, changes + expand)
     write_dvc_yaml(root, params)
     return params
+
+
+class restored_on_error:
+    """Put params.yaml and dvc.yaml back as they were when the block raises: a run whose
+    parameters are rejected leaves nothing of them behind for the next ``dvc repro``."""
+
+    FILES = ("params.yaml", "dvc.yaml")
+
+    def __init__(self, root: Path):
+        self.saved = {f: (Path(root) / f).read_bytes() for f in self.FILES if (Path(root) / f).is_file()}
+        self.root = Path(root)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            return
+        for name, data in self.saved.items():
+            if (self.root / name).read_bytes() != data:
+                with atomic_path(self.root / name) as tmp:
+                    tmp.write_bytes(data)
 
 
 def _apply(data: dict, changes: list[tuple[list[str], Any]]) -> dict:

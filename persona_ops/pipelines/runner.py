@@ -5,9 +5,11 @@ For one item the runner builds the stage's view of the params (per-item override
 references resolved to directories), its resolved paths and a :class:`StageIO` over the run's
 shared model pool; runs the stage inside an MLflow run (in the running pipeline's experiment,
 nested under its run); writes the metrics file and one provenance record beside every output;
-and registers the declared outputs. Tracking failures never change outputs: the stage then
-runs untracked, with a warning. Given a DVC :class:`~persona_ops.pipelines.dvc.Workspace`,
-an item DVC already has is skipped and a computed item is committed to ``dvc.lock``.
+and registers the declared outputs. Tracking failures never change outputs or slow a stage down:
+what MLflow does not take is kept in the project's outbox (``.persona-ops/tracking-outbox``),
+with a warning, and replayed by ``persona-ops track sync`` or the next run. Given a DVC
+:class:`~persona_ops.pipelines.dvc.Workspace`, an item DVC already has is skipped and a computed
+item is committed to ``dvc.lock``.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Outcome:
     metrics: dict = field(default_factory=dict)
     run_id: str | None = None
     record: dict | None = None
+    tracker: Any = field(default=None, repr=False, compare=False)  # the MLflow run, for the DVC md5 tags
 
 
 # --- the stage's view of the params -------------------------------------------------------------
@@ -184,6 +187,10 @@ def check(tasks: list[Task], ctx: Context) -> None:
                 raise InputError(f"stage {task.name}: input {relative(p, ctx.root)} does not exist and no "
                                  "earlier stage of this run makes it")
         for where, ref in registry.model_refs(task.stage, ctx.params, task.item):
+            try:
+                ctx.pool.config(ref.base)  # the base model exists (its config, not its weights)
+            except InputError as e:
+                raise InputError(f"stage {task.name}: {where}: {e}") from None
             if isinstance(ref.adapter, StageAdapter):
                 run_dir = registry.adapter_run_dir(ref, where, ctx.params, ctx.root)
                 if not will_exist(run_dir):
@@ -210,66 +217,34 @@ def check(tasks: list[Task], ctx: Context) -> None:
 
 # --- running ---------------------------------------------------------------------------------------
 
-class _Tracker:
-    """An MLflow run that never breaks a stage: the first failure is logged and tracking stops."""
+class _Untracked:
+    """The run of a stage with tracking off (or MLflow not installed): every call does nothing."""
 
-    def __init__(self, run):
-        self.run = run
-
-    @property
-    def run_id(self) -> str | None:
-        return self.run.run_id if self.run else None
+    run_id = None
 
     def __getattr__(self, name: str):
-        method = getattr(self.run, name) if self.run else None
-
-        def call(*args, **kwargs):
-            if self.run is None:
-                return None
-            try:
-                return method(*args, **kwargs)
-            except Exception as e:
-                log.warning("MLflow: %s failed (%s: %s); the stage goes on untracked", name, type(e).__name__, e)
-                self.run = None
-        return call
+        return lambda *args, **kwargs: None
 
 
 @contextmanager
-def _tracked(task: Task, ctx: Context, params: dict) -> Iterator[_Tracker]:
+def _tracked(task: Task, ctx: Context, params: dict) -> Iterator[Any]:
+    """The stage's MLflow run. It never fails or waits on MLflow: what the store does not take
+    (down, or gone mid-stage) is kept in the project's outbox for ``persona-ops track sync``."""
     if not ctx.tracking:
-        yield _Tracker(None)
+        yield _Untracked()
         return
     try:
-        from persona_ops.tracking import runs, store
-
-        store.configure(ctx.root)
-        experiment = ctx.pipeline or os.environ.get(EXPERIMENT_ENV) or task.stage.pipeline
-        parent = ctx.parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
-        tags = {"persona_ops.stage": task.stage.name, "persona_ops.item": task.item.name if task.item else "",
-                "persona_ops.pipeline": experiment, "dvc.stage": task.name}
-        cm = runs.start_run(experiment, task.name, parent_run_id=parent, params=params, tags=tags,
-                            project_root=ctx.root)
-        run = cm.__enter__()
-    except Exception as e:  # the store is down or unreachable: outputs must not depend on it
-        log.warning("MLflow at %s is unavailable (%s: %s); %s runs untracked",
-                    os.environ.get("MLFLOW_TRACKING_URI", "the project store"), type(e).__name__, e, task.name)
-        yield _Tracker(None)
+        from persona_ops.tracking import runs
+    except ImportError:  # a bare GPU box
+        yield _Untracked()
         return
-    tracker = _Tracker(run)
-    try:
-        yield tracker
-    except BaseException as e:
-        _exit(cm, e)
-        raise
-    _exit(cm, None)
-
-
-def _exit(cm, error) -> None:
-    try:
-        cm.__exit__(type(error) if error else None, error, error.__traceback__ if error else None)
-    except Exception as e:
-        if e is not error:
-            log.warning("MLflow: ending the run failed (%s)", e)
+    experiment = ctx.pipeline or os.environ.get(EXPERIMENT_ENV) or task.stage.pipeline
+    parent = ctx.parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
+    tags = {"persona_ops.stage": task.stage.name, "persona_ops.item": task.item.name if task.item else "",
+            "persona_ops.pipeline": experiment, "dvc.stage": task.name}
+    with runs.start_run(experiment, task.name, parent_run_id=parent, params=params, tags=tags,
+                        project_root=ctx.root) as run:
+        yield run
 
 
 def _all_inputs(io: StageIO) -> list[tuple[str, Path]]:
@@ -309,21 +284,21 @@ def execute(task: Task, ctx: Context, **stage_kwargs) -> Outcome:
                          if (ctx.root / o["path"]).is_file()}})
         run.log_inputs(record["inputs"], ctx.root)
         run.log_artifact(metrics_path)
-        record["registered"] = []
-        if run.run_id:
-            try:
-                record["registered"] = _register(task, ctx, view, io, run)
-            except Exception as e:  # the outputs stand; registering is tracking
-                log.warning("MLflow: registering the outputs of %s failed (%s: %s)", task.name, type(e).__name__, e)
+        try:
+            record["registered"] = _register(task, ctx, view, io, run)
+        except Exception as e:  # the outputs stand; registering is tracking
+            record["registered"] = []
+            log.warning("MLflow: registering the outputs of %s failed (%s: %s)", task.name, type(e).__name__, e)
         run.log_json(record, "provenance.json")
-    return Outcome(task.name, "ran", metrics, run.run_id, record)
+    return Outcome(task.name, "ran", metrics, run.run_id, record, tracker=run)
 
 
-def _register(task: Task, ctx: Context, view: View, io: StageIO, run: _Tracker) -> list[dict]:
-    if not ctx.params.tracking.register_outputs:
+def _register(task: Task, ctx: Context, view: View, io: StageIO, run) -> list[dict]:
+    """Register the declared outputs; the versions made now (those kept for a replay are added to
+    the record when it is replayed)."""
+    if not ctx.params.tracking.register_outputs or not ctx.tracking:
         return []
     from persona_ops.models.adapters import checkpoint_dir, is_checkpoint
-    from persona_ops.tracking.registry import register
 
     done = []
     for reg in task.stage.registers:
@@ -333,9 +308,9 @@ def _register(task: Task, ctx: Context, view: View, io: StageIO, run: _Tracker) 
         refs = registry.model_refs(task.stage, view._obj, io.item)  # the stage's first declared model
         model_slug = slug(refs[0][1]) if refs else "model"
         name = fill(reg.name, _registry_fields(task, ctx, model_slug))
-        version = register(name, path, kind=reg.kind, run_id=run.run_id, source_path=relative(path, ctx.root),
-                           model=io.labels[0] if io.labels else None, sidecar=sidecar(io.output(reg.output)),
-                           alias=ctx.params.tracking.alias)
+        version = run.register(name, path, kind=reg.kind, source_path=relative(path, ctx.root),
+                               model=io.labels[0] if io.labels else None, sidecar=sidecar(io.output(reg.output)),
+                               alias=ctx.params.tracking.alias, output=reg.output)
         if version is not None:
             done.append({"name": name, "version": version, "kind": reg.kind, "output": reg.output})
             run.set_tags({f"registered.{name}": str(version)})
@@ -392,15 +367,6 @@ def _commit(ran: list[Outcome], ctx: Context) -> None:
 
     entries = ctx.workspace.commit([o.task for o in ran])
     for o in ran:
-        if o.run_id:
-            _tag_md5s(o.run_id, md5s(entries[o.task]))
-
-
-def _tag_md5s(run_id: str, md5: dict[str, str]) -> None:
-    try:
-        from persona_ops.tracking.runs import StageRun
-
-        StageRun(run_id, "").set_tags({f"dvc.{p}.md5": m for p, m in md5.items()})
-    except Exception as e:
-        log.warning("MLflow: tagging %s with DVC md5s failed (%s)", run_id, e)
+        if o.tracker is not None:  # sent, or kept with the run's other records
+            o.tracker.set_tags({f"dvc.{p}.md5": m for p, m in md5s(entries[o.task]).items()})
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from persona_ops.errors import InputError
+
 KINDS = ("persona-vector", "persona-space", "capping-spec", "lora-adapter")
 FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 
@@ -225,6 +227,20 @@ class StageIO:
         loaded = self._pool().plain(ref)
         self._record(ref.base, loaded.label)
         return loaded
+
+    def num_layers(self, ref) -> int:
+        """Decoder blocks of ``ref``'s base model, read without loading it (for input checks)."""
+        from persona_ops.models.loading import num_layers
+
+        return num_layers(self._pool().config(ref))
+
+    def check_layers(self, ref, where: str, layers, first: int = 1) -> None:
+        """``layers`` (``hidden_states`` indices, the params key ``where``) exist in ``ref``'s model."""
+        n = self.num_layers(ref)
+        bad = [layer for layer in layers if not first <= layer <= n]
+        if bad:
+            raise InputError(f"{where}: {bad} outside {first}..{n} (layer L = hidden_states[L]; "
+                             f"the model has {n} blocks)")
 
     def made_with(self, label: str) -> None:
         """Name what made the outputs when it is not a model loaded here (a served model, a judge,

@@ -3,8 +3,9 @@
 Kinds: ``persona-vector``, ``persona-space``, ``capping-spec``, ``lora-adapter``. A version holds
 the output (a file, or a directory's files) with its provenance sidecar, and is tagged with the
 kind, the run that made it, the output's sha256 (and DVC md5 for a file), its path and model;
-the alias (``candidate``) moves to the newest. ``models:/name@alias`` and ``models:/name/N``
-resolve to a local copy (:func:`resolve`).
+the alias (``candidate``) moves to the newest, by when the stage registered it (a version
+replayed from the outbox later does not take the alias from a newer one). ``models:/name@alias``
+and ``models:/name/N`` resolve to a local copy (:func:`resolve`).
 """
 
 from __future__ import annotations
@@ -22,14 +23,19 @@ from mlflow.exceptions import MlflowException
 import mlflow
 from persona_ops.errors import InputError
 from persona_ops.io import md5_file, sha256_path
-from persona_ops.tracking.runs import clean_tags
+from persona_ops.tracking.clean import clean_tags
+from persona_ops.tracking.outbox import link_or_copy, now_ms
 from persona_ops.tracking.store import client
 
 KIND_TAG = "persona_ops.kind"
 URI = re.compile(r"^models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
-def _log_dir(name: str, directory: Path, *, kind: str, run_id: str, tags: dict, alias: str | None) -> int:
+UID_TAG = "persona_ops.run_uid"  # the run's own id, known before MLflow gives it one (see tracking.ops)
+OUTPUT_TAG, REGISTERED_AT_TAG = "persona_ops.output", "persona_ops.registered_at"
+
+
+def _log_dir(name: str, directory: Path, *, kind: str, run_id: str, tags: dict) -> int:
     """A new version of ``name`` holding ``directory``'s files, through a LoggedModel (a plain
     ``register_model("runs:/...")`` needs an MLmodel file)."""
     c = client()
@@ -42,11 +48,61 @@ def _log_dir(name: str, directory: Path, *, kind: str, run_id: str, tags: dict, 
         mlflow.finalize_logged_model(model.model_id, "FAILED")
         raise
     mlflow.finalize_logged_model(model.model_id, "READY")
-    mv = mlflow.register_model(f"models:/{model.model_id}", name, tags=tags)
+    return int(mlflow.register_model(f"models:/{model.model_id}", name, tags=tags).version)
+
+
+def version_tags(path: Path, *, kind: str, source_path: str, model: str | None = None,
+                 tags: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """What a version of ``path`` is tagged with (its run's id is added when it is made)."""
+    out = {**(tags or {}), "kind": kind, "sha256": sha256_path(path), "source.path": source_path}
+    if model:
+        out["model"] = model
+    if path.is_file():
+        out["dvc_md5"] = md5_file(path)  # what DVC 3 records for a file
+    return clean_tags(out)
+
+
+def stage_files(path: Path, sidecar: str | os.PathLike | None, into: Path) -> None:
+    """What a version holds, laid out in ``into``: the output (file or directory) and its sidecar."""
+    into.mkdir(parents=True, exist_ok=True)
+    link_or_copy(path, into / path.name)
+    if sidecar and Path(sidecar).is_file():
+        shutil.copy2(sidecar, into / Path(sidecar).name)
+
+
+def publish(name: str, directory: Path, *, kind: str, run_id: str, tags: Mapping[str, str],
+            alias: str | None, run_uid: str | None = None, output: str | None = None,
+            registered_at: int | None = None) -> int:
+    """The version of ``name`` holding ``directory`` (staged by :func:`stage_files`), made by
+    ``run_id``. With ``run_uid`` it is made once: a version that run (``output``) made already is
+    returned, so a replay registers nothing twice. ``alias`` moves to it unless a version
+    registered later holds it."""
+    c = client()
+    registered_at = registered_at or now_ms()
+    tags = clean_tags({**tags, "run_id": run_id, UID_TAG: run_uid, OUTPUT_TAG: output,
+                       REGISTERED_AT_TAG: registered_at})
+    version = _made_by(name, run_uid, output) if run_uid else None
+    if version is None:
+        version = _log_dir(name, directory, kind=kind, run_id=run_id, tags=tags)
     c.set_registered_model_tag(name, KIND_TAG, kind)
-    if alias:
-        c.set_registered_model_alias(name, alias, mv.version)
-    return int(mv.version)
+    if alias and _alias_is_older(name, alias, registered_at):
+        c.set_registered_model_alias(name, alias, version)
+    return version
+
+
+def _made_by(name: str, run_uid: str, output: str | None) -> int | None:
+    found = [mv for mv in client().search_model_versions(f"name = '{name}' and tags.`{UID_TAG}` = '{run_uid}'")
+             if mv.tags.get(OUTPUT_TAG) == output]
+    return min(int(mv.version) for mv in found) if found else None
+
+
+def _alias_is_older(name: str, alias: str, registered_at: int) -> bool:
+    """Whether ``alias`` of ``name`` is unset or on a version registered before ``registered_at``."""
+    try:
+        mv = client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return True
+    return int(mv.tags.get(REGISTERED_AT_TAG) or mv.creation_timestamp) <= registered_at
 
 
 def register(name: str, path: str | os.PathLike, *, kind: str, run_id: str, source_path: str,
@@ -57,21 +113,10 @@ def register(name: str, path: str | os.PathLike, *, kind: str, run_id: str, sour
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such output to register as {name}")
-    version_tags = {**(tags or {}), "kind": kind, "run_id": run_id, "sha256": sha256_path(path),
-                    "source.path": source_path}
-    if model:
-        version_tags["model"] = model
-    if path.is_file():
-        version_tags["dvc_md5"] = md5_file(path)  # what DVC 3 records for a file
+    vtags = version_tags(path, kind=kind, source_path=source_path, model=model, tags=tags)
     with tempfile.TemporaryDirectory(prefix="persona-ops-register-") as tmp:
-        target = Path(tmp) / path.name
-        if path.is_dir():
-            shutil.copytree(path, target)
-        else:
-            shutil.copy2(path, target)
-        if sidecar and Path(sidecar).is_file():
-            shutil.copy2(sidecar, Path(tmp) / Path(sidecar).name)
-        return _log_dir(name, Path(tmp), kind=kind, run_id=run_id, tags=clean_tags(version_tags), alias=alias)
+        stage_files(path, sidecar, Path(tmp))
+        return publish(name, Path(tmp), kind=kind, run_id=run_id, tags=vtags, alias=alias)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,11 @@
 
 With a SQLite URI each new experiment's artifacts go to ``<cwd>/mlruns/<id>`` (absolute, fixed
 at creation), so run from the project root; ``mlflow/start-server.sh`` serves that same store.
+
+A server that is down costs a stage seconds, not MLflow's default minutes of HTTP retries: the
+project bounds them (:data:`HTTP_BOUNDS`, unless set in the environment), and what a run could
+not send waits in the outbox (``persona_ops.tracking.outbox``). A fresh SQLite store is created
+(MLflow's schema migration) by one process at a time.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ import mlflow
 from mlflow import MlflowClient
 
 _configured_root: Path | None = None
+_initialised: set[str] = set()
+# One retry, short backoff, 15 s per request: a dead server costs a run one failed call.
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
 def tracking_uri(project_root: Path) -> str:
@@ -25,14 +34,43 @@ def tracking_uri(project_root: Path) -> str:
     return f"sqlite:///{Path(project_root).resolve()}/mlflow.db"
 
 
+def root_of(given: Path | None = None) -> Path:
+    """``given``, else the last configured project root, else the working directory."""
+    return Path(given) if given is not None else (_configured_root or Path.cwd())
+
+
 def configure(project_root: Path) -> str:
-    """Point MLflow tracking and registry at the project's store; return the URI."""
+    """Point MLflow tracking and registry at the project's store (HTTP retries bounded, a fresh
+    SQLite store created under a lock); return the URI."""
     global _configured_root
+    _bound_http()
     uri = tracking_uri(project_root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     _configured_root = Path(project_root)
+    if uri.startswith("sqlite:") and uri not in _initialised:
+        _initialise_sqlite(uri)
     return uri
+
+
+def _bound_http() -> None:
+    for name, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
+
+
+def _initialise_sqlite(uri: str) -> None:
+    """Open the tracking and registry stores of ``uri`` (which creates and migrates the schema of
+    a new database) under a lock, so concurrent first users do not migrate it at once."""
+    from filelock import FileLock
+
+    db = Path(os.path.abspath(uri.removeprefix("sqlite:///").split("?")[0]))
+    lock = db.parent / ".persona-ops" / f"{db.name}.lock"  # beside the store (the project's is git-ignored)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(lock, timeout=600):
+        c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        c.search_experiments(max_results=1)
+        c.search_registered_models(max_results=1)
+    _initialised.add(uri)
 
 
 def client(project_root: Path | None = None) -> MlflowClient:
@@ -41,7 +79,8 @@ def client(project_root: Path | None = None) -> MlflowClient:
     Re-checked on every call, so a changed ``$MLFLOW_TRACKING_URI`` takes effect
     (``mlflow.set_tracking_uri`` would otherwise shadow the env var for good).
     """
-    root = Path(project_root) if project_root is not None else (_configured_root or Path.cwd())
+    root = root_of(project_root)
+    _bound_http()
     if tracking_uri(root) != mlflow.get_tracking_uri() or _configured_root is None:
         configure(root)
     return MlflowClient()

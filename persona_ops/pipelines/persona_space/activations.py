@@ -114,6 +114,11 @@ def role_activations(cfg, io) -> dict:
     return {**stats, "layers": len(layers)}
 
 
+@role_activations.validator
+def _role_layers(cfg, io) -> None:
+    capture_layers(cfg.persona_space.activations, cfg.persona_space.space, io.num_layers(cfg.persona_space.model))
+
+
 @stage("checkpoint_activations", pipeline="trajectory", each="persona_space.trajectory.checkpoints",
        params=ACTIVATION_PARAMS, inputs={"transcripts": AllOutputs("role_transcripts", "transcripts")},
        outputs={"activations": OUT + "/checkpoints/{item}/activations"}, persist=("activations",))
@@ -132,3 +137,9 @@ def checkpoint_activations(cfg, io) -> dict:
                              checkpoint=io.item.name)
         totals = {k: totals[k] + stats[k] for k in totals}
     return {"roles": len(transcripts), **totals, "layers": len(layers)}
+
+
+@checkpoint_activations.validator
+def _checkpoint_layers(cfg, io) -> None:
+    ps = cfg.persona_space
+    capture_layers(ps.activations, ps.space, io.num_layers(io.item.value.model))

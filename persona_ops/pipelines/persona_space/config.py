@@ -12,6 +12,7 @@ from persona_ops.inference.sampling import SamplingParams
 from persona_ops.judge.settings import JudgeCfg
 from persona_ops.models.refs import ModelRef
 from persona_ops.names import Name
+from persona_ops.resumable import ChunkingCfg
 
 
 class _Section(BaseModel):
@@ -42,14 +43,12 @@ class RolesCfg(_Section):
         return names
 
 
-class TranscriptsCfg(GenerationCfg):
+class TranscriptsCfg(GenerationCfg, ChunkingCfg):
     """Role transcripts: ``rollouts`` answers per (instruction, question), generated and appended
     in chunks of ``chunk_size`` records (resumable: ``resume``)."""
 
     sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(512, 0.7, 0.9, 0))
     rollouts: int = Field(1, ge=1)
-    chunk_size: int = Field(64, ge=1)
-    resume: bool = True
 
 
 class RoleActivationsCfg(_Section):

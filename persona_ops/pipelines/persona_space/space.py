@@ -97,6 +97,13 @@ def persona_space(cfg, io) -> dict:
     return {**summary, "n_dropped": len(dropped)}
 
 
+@persona_space.validator
+def _space_layer(cfg, io) -> None:
+    ps = cfg.persona_space
+    if ps.space.layer is not None:
+        io.check_layers(ps.model, "persona_space.space.layer", [ps.space.layer], first=0)
+
+
 @stage("capping", pipeline="persona-space", params=["persona_space.model", "persona_space.capping"],
        inputs={"space": Output("persona_space", "space"),
                "default": Output("role_activations", "activations", item="default"),
@@ -125,3 +132,10 @@ def capping(cfg, io) -> dict:
                    for L, t, f in zip(spec.layers, spec.tau, spec.floors)}})
     return {"layers": len(spec.layers), "percentile": c.percentile, "n_default_samples": int(acts.shape[0]),
             "floor_min": float(spec.floors.min()), "floor_max": float(spec.floors.max())}
+
+
+@capping.validator
+def _capping_layers(cfg, io) -> None:
+    ps = cfg.persona_space
+    if ps.capping.layers is not None:
+        io.check_layers(ps.model, "persona_space.capping.layers", ps.capping.layers)

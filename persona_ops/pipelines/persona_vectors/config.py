@@ -12,6 +12,7 @@ from persona_ops.interp.vectors import FilterThresholds
 from persona_ops.judge.settings import JudgeCfg
 from persona_ops.models.refs import ModelRef
 from persona_ops.names import Name
+from persona_ops.resumable import ChunkingCfg
 
 
 class TraitsCfg(BaseModel):
@@ -27,8 +28,9 @@ class TraitsCfg(BaseModel):
     neg_assistant_name: str = "helpful"
 
 
-class GenerateCfg(GenerationCfg):
-    """pos and neg answers: ``n_per_question`` samples of the first ``questions_limit`` questions."""
+class GenerateCfg(GenerationCfg, ChunkingCfg):
+    """pos and neg answers: ``n_per_question`` samples of the first ``questions_limit`` questions,
+    generated in chunks of ``chunk_size`` (resumable: ``resume``)."""
 
     n_per_question: int = Field(1, ge=1)
     questions_limit: int | None = Field(None, ge=1)

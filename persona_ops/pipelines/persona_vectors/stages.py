@@ -6,12 +6,16 @@ runner writes provenance, records MLflow and registers the vectors.
 
 from __future__ import annotations
 
+import dataclasses
+
 from persona_ops.chat import chat_messages, persona_system_prompt, render_prompt
 from persona_ops.data import load_trait
 from persona_ops.inference.backends import make_generator
+from persona_ops.inference.sampling import SamplingParams
 from persona_ops.io import read_jsonl, write_jsonl
 from persona_ops.judge import coherence_prompt, fill_template, make_judge
 from persona_ops.pipelines.stage import Output, Pipeline, Register, stage
+from persona_ops.resumable import chunk_seed, fingerprint, generate_resumable
 
 OUT = "outputs/persona_vectors/{item}"
 TRAIT_FILE = "{persona_vectors.traits.dir}/{persona_vectors.traits.extract_subdir}/{item}.json"
@@ -34,23 +38,40 @@ def generate(cfg, io) -> dict:
     tok = generator.tokenizer
     questions = trait.questions[: g.questions_limit] if g.questions_limit else trait.questions
     names = {"pos": p.traits.assistant_name or io.item.name, "neg": p.traits.neg_assistant_name}
-    records, chats = [], []
+    records = []
     for polarity in ("pos", "neg"):
         for ii, pair in enumerate(trait.instructions):
             system = persona_system_prompt(names[polarity], getattr(pair, polarity))
             for qi, question in enumerate(questions):
-                chat = chat_messages(tok, system, question)
-                prompt = render_prompt(tok, chat)
+                prompt = render_prompt(tok, chat_messages(tok, system, question))
                 for si in range(g.n_per_question):
                     records.append({"id": f"{io.item.name}-{polarity}-i{ii}-q{qi}-s{si}", "trait": io.item.name,
                                     "polarity": polarity, "instruction_idx": ii, "question_idx": qi,
                                     "sample_idx": si, "system": system, "question": question, "prompt": prompt})
-                    chats.append(chat)
-    answers = generator.generate(chats, g.sampling, g.batch_size)
-    for rec, ans in zip(records, answers):
-        rec["answer"] = ans
-    write_jsonl(io.output("generations"), records)
-    return {"generations": len(records), "empty_answers": sum(not a for a in answers)}
+
+    def make_chunk(ci: int, chunk: list[dict]) -> list[dict]:
+        s = g.sampling
+        sampling = SamplingParams(s.max_new_tokens, s.temperature, s.top_p, chunk_seed(s.seed, io.item.name, ci))
+        answers = generator.generate([chat_messages(tok, r["system"], r["question"]) for r in chunk], sampling,
+                                     g.batch_size)
+        return [dict(r, answer=a) for r, a in zip(chunk, answers)]
+
+    settings = {"model": generator.label, "backend": g.backend, "sampling": dataclasses.asdict(g.sampling),
+                "batch_size": g.batch_size, "chunk_size": g.chunk_size}
+    fp = fingerprint(settings, [(r["id"], r["prompt"]) for r in records])
+    out = io.output("generations")
+    stats = generate_resumable(records, _id, out, fp, make_chunk, g, finished=_answered)
+    io.extra["fingerprint"] = fp
+    empty = sum(not r["answer"] for r in read_jsonl(out))
+    return {"generations": len(records), "resumed": stats["resumed"], "empty_answers": empty}
+
+
+def _id(rec: dict) -> str:
+    return rec["id"]
+
+
+def _answered(rec: dict, request: dict) -> bool:
+    return rec.get("prompt") == request["prompt"] and isinstance(rec.get("answer"), str)
 
 
 @generate.validator

@@ -59,6 +59,7 @@ def projection(cfg, io) -> dict:
 def _inputs_given(cfg, io) -> None:
     if not cfg.projection.inputs or not cfg.projection.vectors:
         raise InputError("projection.inputs and projection.vectors must both be set")
+    io.check_layers(cfg.projection.model, "projection.layers", cfg.projection.layers, first=0)
 
 
 PIPELINE = Pipeline("projection", (projection,),

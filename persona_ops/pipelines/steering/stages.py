@@ -72,6 +72,7 @@ def _eval_trait(cfg, io) -> None:
     from persona_ops.data import load_trait
 
     load_trait(io.input("trait"))
+    io.check_layers(cfg.persona_vectors.model, "steering.layers", cfg.steering.layers)
 
 
 PIPELINE = Pipeline("steering-sweep", (steering_sweep,),

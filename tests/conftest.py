@@ -104,12 +104,12 @@ def run_dvc(project, *args, env=None, timeout=1500):
 
 @contextlib.contextmanager
 def serve_app(app):
-    """uvicorn serving ``app`` on a free 127.0.0.1 port in a background thread; yields the ``/v1`` URL."""
+    """uvicorn serving ``app`` on a free 127.0.0.1 port in a background thread; yields the ``/v1`` URL
+    once the server accepts connections."""
     import socket
     import threading
     import time
 
-    import httpx
     import uvicorn
 
     with socket.socket() as s:
@@ -118,19 +118,13 @@ def serve_app(app):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
+        time.sleep(0.02)
     try:
-        yield url
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
         server.should_exit = True
         thread.join(timeout=10)

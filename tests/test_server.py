@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -262,26 +261,6 @@ def test_steered_sampled_logprobs_are_the_steered_models(steer_client, steer_mod
 KEY = "sk-test-SERVER-KEY-0123456789"
 
 
-@contextlib.contextmanager
-def serve_keyed(app):
-    """uvicorn serving a key-protected ``app`` on a free 127.0.0.1 port (``serve_app`` waits for a
-    keyless 200 from /models); yields the ``/v1`` URL."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    _wait_until(lambda: server.started)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 def _wait_until(condition, what: str = "the server", seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -292,7 +271,7 @@ def _wait_until(condition, what: str = "the server", seconds: float = 30) -> Non
 
 @pytest.fixture(scope="module")
 def keyed_url(tiny_loaded):
-    with serve_keyed(create_app(tiny_loaded, api_key=KEY)) as url:
+    with serve_app(create_app(tiny_loaded, api_key=KEY)) as url:
         yield url
 
 
@@ -340,7 +319,7 @@ def test_serve_model_takes_the_key_and_limits_from_the_command_line(tiny_dir, mo
                                       monkeypatch, env={API_KEY_ENV: KEY})
     assert result.exit_code == 0, result.output
     assert KEY not in result.output and served.state.admission.capacity == 4
-    with serve_keyed(served) as url:
+    with serve_app(served) as url:
         assert httpx.get(f"{url}/models", timeout=10).status_code == 401
         with openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=30) as c:
             model = c.models.list().data[0].id

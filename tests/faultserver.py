@@ -15,15 +15,21 @@ logprobs. A fault matches a route and, optionally, a substring of the request's
 *subject* (for chat completions: the last message's text), and hits ``times`` requests
 (``None``: every one). Requests are counted per subject (``counts``).
 
-More routes (e.g. the fine-tuning API: files, jobs) plug in with :meth:`FaultServer.route`;
-the fault plan applies to them unchanged.
+More routes plug in with :meth:`FaultServer.route` (a path may hold ``{name}`` parts, handed to the
+handler as ``Request.params``; faults and counts use the template as the route); the fault plan
+applies to them unchanged. :class:`FineTuneAPI` adds the OpenAI fine-tuning API this way (files,
+jobs, events, cancel).
 """
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import hashlib
+import itertools
 import json
 import math
+import re
 import socket
 import threading
 from collections import Counter
@@ -43,6 +49,7 @@ class Request:
     path: str
     headers: dict[str, str]
     body: bytes
+    params: dict[str, str] = field(default_factory=dict)  # the ``{name}`` parts of a templated route
 
     def json(self):
         return json.loads(self.body or b"{}")
@@ -158,6 +165,39 @@ def chat_completion(request: Request) -> Reply:
                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
 
+def _stated(prompt: str, label: str) -> str | None:
+    """The value of a ``label: value`` line of a prompt (data generation states its counts so)."""
+    m = re.search(rf"^{re.escape(label)}: (.+)$", prompt, re.MULTILINE)
+    return m.group(1).strip() if m else None
+
+
+def datagen_json(prompt: str) -> dict:
+    """The JSON a data-generation prompt asks for, derived from it: a trait (``Trait:`` with
+    ``Number of instruction pairs:`` and ``Number of questions:``) or a domain's questions
+    (``Domain:`` and ``Number of questions:``)."""
+    n = int(_stated(prompt, "Number of questions") or 0)
+    tag = f"{_digest(prompt) % 10**6:06d}"
+    domain = _stated(prompt, "Domain")
+    if domain is not None:
+        return {"questions": [f"{domain} question {i} ({tag})?" for i in range(n)]}
+    name = _stated(prompt, "Trait") or "trait"
+    pairs = int(_stated(prompt, "Number of instruction pairs") or 0)
+    return {"instruction": [{"pos": f"Be very {name} ({i}).", "neg": f"Never be {name} ({i})."} for i in range(pairs)],
+            "questions": [f"What do you think about topic {i} ({tag})?" for i in range(n)],
+            "eval_prompt": f"Rate how {name} this is, 0-100.\nQuestion: {{question}}\nAnswer: {{answer}}"}
+
+
+def datagen_completion(request: Request) -> Reply:
+    """Chat completions for data generation: requests asking for a JSON object get
+    :func:`datagen_json` of their prompt, the others :func:`chat_completion`'s answers."""
+    body = request.json()
+    if (body.get("response_format") or {}).get("type") != "json_object":
+        return chat_completion(request)
+    reply = chat_completion(request)
+    reply.body["choices"][0]["message"]["content"] = json.dumps(datagen_json(chat_subject(request)))
+    return reply
+
+
 def _without_logprobs(reply: Reply) -> Reply:
     body = json.loads(json.dumps(reply.body))
     for choice in body.get("choices", []):
@@ -200,8 +240,22 @@ class FaultServer:
 
     def route(self, method: str, path: str, handler: Handler,
               subject: Callable[[Request], str] = lambda r: r.body.decode("utf-8", "replace")) -> None:
-        """Serve ``handler`` at ``method path``; ``subject`` says what faults match and counts count."""
+        """Serve ``handler`` at ``method path`` (``{name}`` parts match one path segment);
+        ``subject`` says what faults match and counts count."""
         self._routes[(method, path)] = (handler, subject)
+
+    def _resolve(self, request: Request) -> str | None:
+        """The route (a path or a template) serving the request; fills ``request.params``."""
+        if (request.method, request.path) in self._routes:
+            return request.path
+        for method, template in self._routes:
+            if method == request.method and "{" in template:
+                pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
+                found = re.fullmatch(pattern, request.path)
+                if found:
+                    request.params = found.groupdict()
+                    return template
+        return None
 
     @property
     def counts(self) -> Counter[str]:
@@ -233,19 +287,19 @@ class FaultServer:
 
     def _serve(self, request: Request) -> Reply | None:
         """The reply to a request, or None to drop the connection."""
-        route = self._routes.get((request.method, request.path))
-        if route is None:
+        path = self._resolve(request)
+        if path is None:
             return Reply(404, {"error": {"message": f"no route {request.method} {request.path}"}})
-        handler, subject_of = route
+        handler, subject_of = self._routes[(request.method, path)]
         subject = subject_of(request)
         with self._lock:
-            self.route_counts.setdefault(request.path, Counter())[subject] += 1
+            self.route_counts.setdefault(path, Counter())[subject] += 1
         auth = request.headers.get("authorization", "")
         if self.api_key is not None and auth != f"Bearer {self.api_key}":
-            self._note(request.path, subject, "401")
+            self._note(path, subject, "401")
             return Reply(401, {"error": {"message": f"Incorrect API key provided: {auth.removeprefix('Bearer ')}"}})
-        fault = self._pick(request.path, subject)
-        self._note(request.path, subject, fault.kind if fault else "ok")
+        fault = self._pick(path, subject)
+        self._note(path, subject, fault.kind if fault else "ok")
         if fault is None:
             return handler(request)
         if fault.kind == "status":
@@ -306,3 +360,183 @@ class FaultServer:
                 pass
 
         return _Handler
+
+
+# ----------------------------------------------------------------------------- the fine-tuning API
+
+FILES = "/v1/files"
+FILE = "/v1/files/{id}"
+JOBS = "/v1/fine_tuning/jobs"
+JOB = "/v1/fine_tuning/jobs/{id}"
+EVENTS = "/v1/fine_tuning/jobs/{id}/events"
+CANCEL = "/v1/fine_tuning/jobs/{id}/cancel"
+PROGRESS = ("validating_files", "queued", "running", "succeeded")  # one step per poll
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _invalid(message: str, param: str | None = None, status: int = 400) -> Reply:
+    return Reply(status, {"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                    "code": None}})
+
+
+def _multipart(request: Request) -> dict[str, tuple[str | None, bytes]]:
+    """A multipart/form-data body's fields: name -> (file name, bytes)."""
+    head = f"Content-Type: {request.headers.get('content-type', '')}\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + request.body)
+    if not message.is_multipart():
+        return {}
+    return {part.get_param("name", header="content-disposition"): (part.get_filename(), part.get_payload(decode=True))
+            for part in message.iter_parts()}
+
+
+def training_file_problem(data: bytes) -> str | None:
+    """Why ``data`` is no fine-tuning file (JSONL of chat ``messages``), or None."""
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        return "the file is not UTF-8"
+    examples = 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return f"line {number}: not valid JSON"
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str) for m in messages):
+            return f"line {number}: expected a 'messages' list of {{role, content}} objects"
+        examples += 1
+    return None if examples else "the file holds no examples"
+
+
+class FineTuneAPI:
+    """The OpenAI fine-tuning API on a :class:`FaultServer`: upload a JSONL file (validated), create
+    a job, poll it (each ``GET`` moves it one step along :data:`PROGRESS`; ``fine_tuned_model`` and
+    ``trained_tokens`` are set when it succeeds), list its events, cancel it. ``fail_with``: an
+    ``{code, message}`` error that makes every job fail instead of succeeding. ``files`` holds the
+    uploaded bytes, ``jobs`` the job objects, ``created`` the create requests' bodies."""
+
+    def __init__(self, server: FaultServer, fail_with: dict | None = None, tokens_per_byte: int = 1):
+        self.server, self.fail_with, self.tokens_per_byte = server, fail_with, tokens_per_byte
+        self.files: dict[str, bytes] = {}
+        self.file_objects: dict[str, dict] = {}
+        self.jobs: dict[str, dict] = {}
+        self.events: dict[str, list[dict]] = {}
+        self.created: list[dict] = []
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        job_id = lambda r: r.params.get("id", "")  # noqa: E731
+        server.route("POST", FILES, self.upload, lambda r: "upload")
+        server.route("GET", FILE, self.file, job_id)
+        server.route("POST", JOBS, self.create, lambda r: "create")
+        server.route("GET", JOB, self.poll, job_id)
+        server.route("GET", EVENTS, self.list_events, job_id)
+        server.route("POST", CANCEL, self.cancel, job_id)
+
+    def _id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids):06d}{hashlib.sha256(prefix.encode()).hexdigest()[:18]}"
+
+    def _event(self, job_id: str, message: str, level: str = "info") -> None:
+        self.events[job_id].append({"object": "fine_tuning.job.event", "id": self._id("ftevent"),
+                                    "created_at": len(self.events[job_id]) + 1, "level": level,
+                                    "message": message, "data": {}, "type": "message"})
+
+    def upload(self, request: Request) -> Reply:
+        fields = _multipart(request)
+        purpose = fields.get("purpose", (None, b""))[1].decode()
+        if purpose != "fine-tune":
+            return _invalid(f"purpose: expected 'fine-tune', got {purpose!r}", "purpose")
+        if "file" not in fields:
+            return _invalid("file: missing", "file")
+        name, data = fields["file"]
+        problem = training_file_problem(data)
+        if problem:
+            return _invalid(f"Invalid file format for Fine-Tuning API: {problem}", "file")
+        with self._lock:
+            file_id = self._id("file")
+            self.files[file_id] = data
+            self.file_objects[file_id] = {"id": file_id, "object": "file", "bytes": len(data), "created_at": 1,
+                                          "filename": name or "upload.jsonl", "purpose": "fine-tune",
+                                          "status": "processed", "expires_at": None, "status_details": None}
+        return Reply(200, self.file_objects[file_id])
+
+    def file(self, request: Request) -> Reply:
+        found = self.file_objects.get(request.params["id"])
+        return Reply(200, found) if found else _invalid(f"No such File object: {request.params['id']}", "id", 404)
+
+    def create(self, request: Request) -> Reply:
+        body = request.json()
+        if not body.get("model"):
+            return _invalid("model: missing", "model")
+        if body.get("training_file") not in self.files:
+            return _invalid(f"invalid training_file: {body.get('training_file')}", "training_file")
+        supervised = (body.get("method") or {}).get("supervised") or {}
+        chosen = {**(body.get("hyperparameters") or {}), **(supervised.get("hyperparameters") or {})}
+        hyper = {k: chosen.get(k, "auto") for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+        with self._lock:
+            self.created.append(body)
+            job_id = self._id("ftjob")
+            self.jobs[job_id] = {
+                "object": "fine_tuning.job", "id": job_id, "model": body["model"], "created_at": 1000 + len(self.jobs),
+                "finished_at": None, "fine_tuned_model": None, "organization_id": "org-faultserver",
+                "result_files": [], "status": PROGRESS[0], "validation_file": body.get("validation_file"),
+                "training_file": body["training_file"], "hyperparameters": hyper, "trained_tokens": None,
+                "error": None, "user_provided_suffix": body.get("suffix"), "seed": body.get("seed") or 42,
+                "estimated_finish": None, "integrations": [], "metadata": body.get("metadata"),
+                "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}}}
+            self.events[job_id] = []
+            self._event(job_id, "Validating training file")
+        return Reply(200, self.jobs[job_id])
+
+    def _missing(self, request: Request) -> Reply | None:
+        if request.params["id"] not in self.jobs:
+            return _invalid(f"Could not find fine-tune: {request.params['id']}", "id", 404)
+        return None
+
+    def poll(self, request: Request) -> Reply:
+        missing = self._missing(request)
+        if missing:
+            return missing
+        with self._lock:
+            job = self.jobs[request.params["id"]]
+            if job["status"] not in TERMINAL:
+                self._advance(job)
+            return Reply(200, json.loads(json.dumps(job)))
+
+    def _advance(self, job: dict) -> None:
+        step = PROGRESS[PROGRESS.index(job["status"]) + 1]
+        if step == "succeeded" and self.fail_with:
+            job.update(status="failed", finished_at=job["created_at"] + 60,
+                       error={"param": None, **self.fail_with})
+            self._event(job["id"], f"Fine-tuning job failed: {self.fail_with.get('message')}", "error")
+            return
+        job["status"] = step
+        if step == "succeeded":
+            epochs = job["hyperparameters"]["n_epochs"]
+            tokens = self.tokens_per_byte * len(self.files[job["training_file"]]) * (epochs if epochs != "auto" else 1)
+            suffix = job["user_provided_suffix"] or ""
+            job.update(finished_at=job["created_at"] + 60, trained_tokens=tokens,
+                       fine_tuned_model=f"ft:{job['model']}:faultserver:{suffix}:{job['id'][-8:]}")
+        self._event(job["id"], f"Job is {step}")
+
+    def list_events(self, request: Request) -> Reply:
+        missing = self._missing(request)
+        if missing:
+            return missing
+        data = list(reversed(self.events[request.params["id"]]))  # newest first, as the API lists them
+        return Reply(200, {"object": "list", "data": data, "has_more": False})
+
+    def cancel(self, request: Request) -> Reply:
+        missing = self._missing(request)
+        if missing:
+            return missing
+        with self._lock:
+            job = self.jobs[request.params["id"]]
+            if job["status"] in TERMINAL:
+                return _invalid(f"Job has already completed: {job['status']}", "id")
+            job["status"] = "cancelled"
+            self._event(job["id"], "Job was cancelled")
+            return Reply(200, json.loads(json.dumps(job)))

@@ -81,9 +81,10 @@ def client(project_root: Path | None = None) -> MlflowClient:
     """
     root = root_of(project_root)
     _bound_http()
-    if tracking_uri(root) != mlflow.get_tracking_uri() or _configured_root is None:
+    uri = tracking_uri(root)
+    if uri != mlflow.get_tracking_uri() or uri != mlflow.get_registry_uri() or _configured_root is None:
         configure(root)
-    return MlflowClient()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def experiment_id(name: str, *, project_root: Path | None = None) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import getpass
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from mlflow import MlflowClient
 from persona_ops.cli import app
 from persona_ops.errors import InputError
 from persona_ops.tracking import promotion, registry, runs
-from persona_ops.tracking import store as store_module
 
 NAME = "lora-adapter-evil"
 GOOD = {"evil": {"trait_mean": 72.5, "coherence_mean": 61.0}}
@@ -24,20 +22,6 @@ BAD = {"evil": {"trait_mean": 41.0, "coherence_mean": 80.0}}
 GATE = "evil.trait_mean>60 and evil.coherence_mean>=50"
 
 
-@pytest.fixture(scope="session")
-def empty_db(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("mlflow-template")
-    MlflowClient(tracking_uri=f"sqlite:///{d}/mlflow.db").search_experiments()
-    return d / "mlflow.db"
-
-
-@pytest.fixture()
-def store(tmp_path, monkeypatch, empty_db) -> Path:
-    shutil.copyfile(empty_db, tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.chdir(tmp_path)
-    store_module.configure(tmp_path)
-    return tmp_path
 
 
 def _version(root: Path, metrics: dict, n: int) -> int:

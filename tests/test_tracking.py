@@ -27,22 +27,6 @@ from persona_ops.tracking import store as store_module
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def empty_db(tmp_path_factory) -> Path:
-    """An empty, fully migrated MLflow database (creating one costs ~4 s on 2 cores)."""
-    d = tmp_path_factory.mktemp("mlflow-template")
-    MlflowClient(tracking_uri=f"sqlite:///{d}/mlflow.db").search_experiments()
-    return d / "mlflow.db"
-
-
-@pytest.fixture()
-def store(tmp_path, monkeypatch, empty_db) -> Path:
-    """A fresh MLflow store: sqlite in tmp_path, cwd there so mlruns/ lands there too."""
-    shutil.copyfile(empty_db, tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.chdir(tmp_path)
-    store_module.configure(tmp_path)
-    return tmp_path
 
 
 def test_pipeline_and_stage_runs_nest_in_one_experiment_without_secrets(store):

@@ -35,13 +35,6 @@ HTTP_SETTINGS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER")
 
 
-@pytest.fixture(scope="module")
-def empty_db(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow database to copy (migrating one costs seconds)."""
-    d = tmp_path_factory.mktemp("mlflow-template")
-    MlflowClient(tracking_uri=f"sqlite:///{d}/mlflow.db").search_experiments()
-    return d / "mlflow.db"
-
 
 @pytest.fixture()
 def root(tmp_path, monkeypatch, empty_db) -> Path:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks: capture, steered generation and decode attention for the OLMo-2-7B and Qwen3-4B shapes,
-# role transcripts + role capture for OLMo-2-7B, each side by side with its reference.
+# role transcripts + role capture for OLMo-2-7B, LoRA SFT for Qwen3-4B, each side by side with its reference.
 # Logs and the final JSON lines go to ${OUT:-/tmp/persona-ops-bench}.
 set -u
 OUT=${OUT:-/tmp/persona-ops-bench}
@@ -17,8 +17,9 @@ run() {  # name, args...
   tail -n 1 "$OUT/$name.log" | grep '^{' >> "$OUT/results.jsonl" || echo "!! $name produced no JSON"
 }
 # which groups to run (default all; one device call is capped at 10 minutes, so split them):
-#   bash bench/run_gpu.sh generate capture  /  bash bench/run_gpu.sh transcripts
-for group in ${*:-generate capture transcripts}; do
+#   bash bench/run_gpu.sh generate capture  /  bash bench/run_gpu.sh transcripts  /  bash bench/run_gpu.sh train
+# (train needs trl and datasets, which the GPU image lacks: install them first)
+for group in ${*:-generate capture transcripts train}; do
   case $group in
     generate)
       run generate-qwen3 bench.generate --device cuda --model-shape qwen3-4b
@@ -30,7 +31,9 @@ for group in ${*:-generate capture transcripts}; do
       run capture-qwen3 bench.capture --device cuda --model-shape qwen3-4b ;;
     transcripts)
       run transcripts-olmo2 bench.transcripts --device cuda --model-shape olmo2-7b --ref-conversations 2 ;;
-    *) echo "unknown group: $group (generate, capture, transcripts)"; exit 2 ;;
+    train)
+      run train-lora-qwen3 bench.train_lora --device cuda ;;
+    *) echo "unknown group: $group (generate, capture, transcripts, train)"; exit 2 ;;
   esac
 done
 python3 - "$OUT/results.jsonl" <<'EOF'

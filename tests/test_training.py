@@ -312,6 +312,10 @@ def test_same_seed_same_adapter_and_interventions_plug_in(tiny, data, tmp_path):
     train_lora(tiny, data, one, tmp_path / "custom", progress=False, interventions=Counting)
     assert len(calls) == 2  # one optimizer step = two micro-batch forwards
     assert all(not blk._forward_hooks for blk in tiny.layers)
+    calls.clear()
+    train_lora(tiny, data, one.model_copy(update={"packed_tokens": 1024}), tmp_path / "packed", progress=False,
+               interventions=Counting)
+    assert len(calls) == 1  # a token budget for packed rows: the step's four conversations in one row
 
 
 def test_bf16_model_trains_with_fp32_adapters(smol_tokenizer, data, tmp_path):

@@ -20,6 +20,15 @@ in persona_vectors); ``train_on="last"`` trains only the final response. A turn'
 are its content and the template's end-of-turn text (e.g. ``<|im_end|>\\n``), so the model learns
 to stop.
 
+Packing (``packing=True``, the default): a micro-batch's conversations are concatenated into one row
+with no padding (:func:`pack_examples`); ``position_ids`` restart at 0 for each conversation, so
+attention stays inside it (transformers masks block-diagonally for SDPA/eager; on a GPU the trainer
+switches SDPA to PyTorch's flash-attention varlen kernel, :func:`packed_attention`) and no label
+crosses a boundary. A step's ``batch_size * grad_accum`` conversations are split into equal
+micro-batches as large as the token budget allows (:func:`micro_batch_size`); the loss is the sum
+over the step's trained tokens divided by their count either way, so the updates equal the padded
+ones up to float rounding.
+
 Training-time interventions (preventative steering, CAFT): ``interventions`` takes a list of
 :class:`persona_ops.interp.interventions.Intervention` (hooks on decoder block ``L-1`` for layer ``L``,
 positions read off each training batch) or any ``model -> context manager`` factory, entered
@@ -92,6 +101,9 @@ class TrainConfig(BaseModel):
     optim: str = "adamw_torch"
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
+    packing: bool = True  # concatenate each micro-batch's conversations into one row (no padding)
+    # most tokens in one packed micro-batch; None: PACKED_TOKENS with the varlen kernel, else batch_size conversations
+    packed_tokens: int | None = Field(None, ge=8)
 
 
 @dataclass
@@ -181,6 +193,85 @@ def tokenize_chat(tokenizer, messages: list[dict], max_length: int | None = None
     return ids, labels
 
 
+# --- packing ------------------------------------------------------------------------
+
+def pack_examples(examples: Sequence[dict]) -> dict:
+    """Collate tokenised conversations (``input_ids``, ``labels``) into one row with no padding.
+
+    ``position_ids`` restart at 0 for each conversation. transformers reads that as separate
+    sequences and masks attention block-diagonally (``masking_utils.find_packed_sequence_indices``,
+    SDPA and eager), but only when the forward gets no ``attention_mask`` and no cache; the model
+    makes a cache when ``use_cache`` is on (its config's default), and then the conversations attend
+    to each other, so the batch carries ``use_cache=False``. ``cu_seq_lens_*`` and ``max_length_*``
+    give varlen kernels the same boundaries without a device sync. The first label of each
+    conversation is ignored, so a conversation's last token is never trained to predict the next
+    one's first (a padded batch has no such target either).
+    """
+    lengths = [len(e["input_ids"]) for e in examples]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])
+    labels = torch.cat([torch.as_tensor(e["labels"], dtype=torch.long) for e in examples])
+    labels[position_ids == 0] = IGNORE
+    cu_seq_lens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return {"input_ids": torch.cat([torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples])[None],
+            "labels": labels[None], "position_ids": position_ids[None],
+            "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max(lengths), "max_length_k": max(lengths), "use_cache": False}
+
+
+PACKED_TOKENS = 8192  # default token budget of a packed micro-batch when attention runs per conversation
+PACKED_ATTENTION = "packed_varlen"  # the transformers attention implementation packed_attention registers
+
+
+def micro_batch_size(cfg: TrainConfig, longest: int, varlen: bool) -> int:
+    """Conversations per forward. Padded: ``batch_size``. Packed: the largest divisor of the step's
+    ``batch_size * grad_accum`` conversations whose row fits the token budget even if each were
+    ``longest`` tokens (at least 1), so every step still holds exactly that many conversations.
+    The budget is ``packed_tokens``; unset, it is :data:`PACKED_TOKENS` when attention runs per
+    conversation (``varlen``), else rows keep ``batch_size`` conversations, since SDPA and eager
+    attend over the whole row (a cost that grows with the square of its length)."""
+    budget = cfg.packed_tokens or (PACKED_TOKENS if varlen else None)
+    if not cfg.packing or budget is None:
+        return cfg.batch_size
+    step = cfg.batch_size * cfg.grad_accum
+    return max(d for d in range(1, step + 1) if step % d == 0 and (d == 1 or d * longest <= budget))
+
+
+def _varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Causal attention inside each conversation of a packed row ``[1, heads, T, head_dim]``, with
+    PyTorch's flash-attention varlen kernel (the op behind ``torch.nn.attention.varlen``): only the
+    blocks inside each conversation are computed. Grouped KV heads are supported by the kernel."""
+    if kwargs.get("cu_seq_lens_q") is None or query.shape[0] != 1:
+        raise InputError(f"{PACKED_ATTENTION} attention takes packed batches only (see pack_examples)")
+    cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, head_dim]
+    out = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, longest, longest, dropout, True, False,
+                                                  scale=scaling)[0]
+    return out[None], None
+
+
+def varlen_attention_usable(model, cfg: TrainConfig) -> bool:
+    """Whether packed training swaps SDPA for the varlen kernel: packing, SDPA, and a bf16/fp16
+    model on a CUDA GPU of compute capability 8.0 or more (what PyTorch's flash attention needs)."""
+    param = next(model.parameters())
+    return (cfg.packing and model.config._attn_implementation == "sdpa" and param.device.type == "cuda"
+            and param.dtype in (torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability(param.device) >= (8, 0))
+
+
+@contextmanager
+def packed_attention(model) -> Iterator[None]:
+    """Run ``model`` with the varlen attention (packed batches only) and restore its own afterwards."""
+    from transformers import AttentionInterface
+
+    current = model.config._attn_implementation
+    AttentionInterface.register(PACKED_ATTENTION, _varlen_attention)
+    model.set_attn_implementation(PACKED_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)
+
+
 # --- checkpoints ------------------------------------------------------------------
 
 def _save_checkpoint(model, out_dir: Path, step: int, state: dict) -> Path:
@@ -227,7 +318,7 @@ def steering_during_training(interventions: Sequence[Intervention]) -> TrainingI
         def set_positions(module, args, kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
             mask = kwargs.get("attention_mask")
-            if mask is None:
+            if mask is None:  # a packed row: no padding, and its labels ignore each conversation's first token
                 mask = torch.ones_like(ids)
             steerer.set_positions(*training_positions(mask, kwargs.get("labels")))
 
@@ -263,18 +354,19 @@ def _target_modules(model: torch.nn.Module, wanted: Sequence[str]) -> list[str]:
     return found
 
 
-def _tokenize_dataset(tokenizer, dataset: list[list[dict]], cfg: TrainConfig) -> tuple[dict, int]:
-    ids_all, labels_all, dropped = [], [], 0
-    for messages in dataset:
-        ids, labels = tokenize_chat(tokenizer, messages, cfg.max_length, cfg.train_on)
-        if all(x == IGNORE for x in labels):
-            dropped += 1
-            continue
-        ids_all.append(ids)
-        labels_all.append(labels)
+def _trainable_columns(examples: Sequence[tuple[Sequence[int], Sequence[int]]], cfg: TrainConfig
+                       ) -> tuple[dict, int]:
+    """``input_ids``/``labels`` columns cut to ``max_length``; conversations left with no trained
+    token are dropped (their count is returned)."""
+    ids_all, labels_all = [], []
+    for ids, labels in examples:
+        ids, labels = list(ids[: cfg.max_length]), list(labels[: cfg.max_length])
+        if any(x != IGNORE for x in labels):
+            ids_all.append(ids)
+            labels_all.append(labels)
     if not ids_all:
         raise InputError(f"no conversation keeps a response token within max_length={cfg.max_length}")
-    return {"input_ids": ids_all, "labels": labels_all}, dropped
+    return {"input_ids": ids_all, "labels": labels_all}, len(examples) - len(ids_all)
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -344,9 +436,31 @@ def train_lora(loaded: LoadedModel, dataset: list[list[dict]], cfg: TrainConfig 
                overwrite: bool = False) -> TrainResult:
     """Fine-tune a LoRA adapter on chat conversations; return the checkpoints and the log.
 
-    Uses ``loaded.model`` in place: LoRA layers are injected for training and removed
-    afterwards (even on error), leaving the base weights, mode and ``requires_grad`` as they
-    were. fp32 on CPU; bf16 autocast when the model is bf16 (GPU), adapters kept in fp32.
+    Conversations are tokenised with :func:`tokenize_chat` (loss on the assistant turns only), then
+    trained by :func:`train_tokenized`, which says what happens to ``loaded.model``.
+    """
+    cfg = cfg or TrainConfig()
+    conversations = dataset[: cfg.limit] if cfg.limit else list(dataset)
+    examples = [tokenize_chat(loaded.tokenizer, m, cfg.max_length, cfg.train_on) for m in conversations]
+    return train_tokenized(loaded, examples, cfg, out_dir, progress, interventions, overwrite,
+                           dataset_sha256=sha256_text(json.dumps(conversations, sort_keys=True, ensure_ascii=False)))
+
+
+def train_tokenized(loaded: LoadedModel, examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+                    cfg: TrainConfig | None, out_dir: str | os.PathLike, progress: bool = True,
+                    interventions: Sequence[Intervention] | TrainingIntervention | None = None,
+                    overwrite: bool = False, *, dataset_sha256: str | None = None,
+                    callbacks: Sequence = ()) -> TrainResult:
+    """Fine-tune a LoRA adapter on tokenised conversations ``(input_ids, labels)`` (labels ``-100``
+    where no loss is taken, unshifted, as :func:`tokenize_chat` makes them).
+
+    TRL's ``SFTTrainer`` runs the loop: with ``packing`` it gets :func:`pack_examples` as collator and
+    micro-batches of :func:`micro_batch_size` conversations, else its default padding collator and
+    ``batch_size``. ``loaded.tokenizer`` only has to name a pad token. ``callbacks`` are extra
+    ``transformers.TrainerCallback`` objects. ``loaded.model`` is used in place: LoRA layers are injected
+    for training and removed afterwards (even on error), leaving the base weights, mode, attention
+    implementation and ``requires_grad`` as they were. fp32 on CPU; bf16 autocast when the model is
+    bf16 (GPU), adapters kept in fp32.
     """
     import datasets
     from datasets import Dataset
@@ -360,17 +474,21 @@ def train_lora(loaded: LoadedModel, dataset: list[list[dict]], cfg: TrainConfig 
     model = loaded.model
     if hasattr(model, "peft_config"):
         raise InputError(f"{loaded.label}: the model already carries LoRA layers; unload them first")
-    conversations = dataset[: cfg.limit] if cfg.limit else list(dataset)
-    columns, dropped = _tokenize_dataset(loaded.tokenizer, conversations, cfg)
+    examples = examples[: cfg.limit] if cfg.limit else examples
+    columns, dropped = _trainable_columns(examples, cfg)
     train_set = Dataset.from_dict(columns)
-    dataset_hash = sha256_text(json.dumps(conversations, sort_keys=True, ensure_ascii=False))
+    if dataset_sha256 is None:
+        dataset_sha256 = sha256_text(json.dumps([[list(i), list(lab)] for i, lab in examples]))
     targets = _target_modules(model, cfg.lora.target_modules)
+    varlen = varlen_attention_usable(model, cfg)
+    micro = micro_batch_size(cfg, max(len(ids) for ids in columns["input_ids"]), varlen)
+    accumulation = cfg.batch_size * cfg.grad_accum // micro if cfg.packing else cfg.grad_accum
 
     device = loaded.device
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     manifest = {"base": loaded.label, "format": "peft-lora-safetensors", "config": cfg.model_dump(),
                 "target_modules": targets, "num_examples": len(columns["input_ids"]),
-                "num_dropped": dropped, "dataset_sha256": dataset_hash, "checkpoints": [],
+                "num_dropped": dropped, "dataset_sha256": dataset_sha256, "checkpoints": [],
                 "complete": False}
     recorder = _Recorder(out_dir, cfg, manifest)
 
@@ -378,6 +496,7 @@ def train_lora(loaded: LoadedModel, dataset: list[list[dict]], cfg: TrainConfig 
     was_training = model.training
     grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     pad_ids = (model.config.pad_token_id, getattr(model.generation_config, "pad_token_id", None))
+    own_forward = "forward" in vars(model)  # TRL's fused LM head patches the instance's forward
 
     set_seed(cfg.seed)  # LoRA A is initialised from the global RNG
     peft_model = get_peft_model(model, LoraConfig(
@@ -385,7 +504,7 @@ def train_lora(loaded: LoadedModel, dataset: list[list[dict]], cfg: TrainConfig 
         use_rslora=cfg.lora.rslora, bias="none", task_type="CAUSAL_LM"))
     args = SFTConfig(
         output_dir=str(out_dir), seed=cfg.seed, data_seed=cfg.seed,
-        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
         optim=cfg.optim, max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_length,
@@ -399,10 +518,13 @@ def train_lora(loaded: LoadedModel, dataset: list[list[dict]], cfg: TrainConfig 
         if not progress:
             datasets.disable_progress_bars()  # SFTTrainer's dataset preparation maps
         trainer = SFTTrainer(model=peft_model, args=args, train_dataset=train_set,
-                             processing_class=loaded.tokenizer, callbacks=[_make_callback(recorder)])
+                             data_collator=pack_examples if cfg.packing else None,
+                             processing_class=loaded.tokenizer,
+                             callbacks=[_make_callback(recorder), *callbacks])
         if not progress:
             trainer.remove_callback(PrinterCallback)
-        with _intervention_context(interventions, peft_model):
+        with packed_attention(model) if varlen else nullcontext(), _intervention_context(interventions, peft_model):
+            attention = model.config._attn_implementation
             output = trainer.train()
         step = trainer.state.global_step
         if step not in recorder.saved:
@@ -413,6 +535,8 @@ def train_lora(loaded: LoadedModel, dataset: list[list[dict]], cfg: TrainConfig 
         if bars:
             datasets.enable_progress_bars()
         peft_model.unload()
+        if not own_forward:
+            vars(model).pop("forward", None)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_disable()
             if hasattr(model, "disable_input_require_grads"):
@@ -429,4 +553,5 @@ def train_lora(loaded: LoadedModel, dataset: list[list[dict]], cfg: TrainConfig 
         out_dir=out_dir, checkpoints=sorted(recorder.saved.items()), log=recorder.log,
         num_examples=len(columns["input_ids"]), num_dropped=dropped, seconds=seconds,
         steps_per_second=output.metrics.get("train_steps_per_second", steps / seconds if seconds else math.nan),
-        extra={"train_runtime": output.metrics.get("train_runtime"), "target_modules": targets})
+        extra={"train_runtime": output.metrics.get("train_runtime"), "target_modules": targets,
+               "micro_batch": micro, "grad_accum": accumulation, "attention": attention})

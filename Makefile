@@ -10,7 +10,7 @@ export PATH := $(BIN):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-fast dvc-setup mlflow-ui clean-outputs
+.PHONY: install browser-deps run test test-fast dvc-setup mlflow-ui clean-outputs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# The browser tests (pytest -m browser): playwright (the test extra) driving Debian's chromium (apt, as
+# root; playwright's own browser download is not used), installed only when missing.
+browser-deps: install
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 # DVC: the repo ships .dvc/; a clone without it (or a copy outside git) is set up here,
 # with a local remote outside the repo (per clone, in .dvc/config.local).
@@ -33,7 +39,7 @@ run: dvc-setup
 	persona-ops run persona-vectors
 	dvc push -q && echo "DVC: outputs pushed to $(DVC_REMOTE)"
 
-test: install
+test: install browser-deps
 	pytest -q -ra
 
 test-fast: install

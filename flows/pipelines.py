@@ -59,8 +59,10 @@ def params_model(pipeline: Pipeline):
     return create_model(title, __doc__=f"Parameters of the {pipeline.name} pipeline (see params.yaml).", **fields)
 
 
-def run_pipeline(name: str, params=None, overrides: Optional[list[str]] = None, root: str = ".") -> dict:
-    """Run a declared pipeline (see the module docstring); returns what ran."""
+def run_pipeline(name: str, params=None, overrides: Optional[list[str]] = None, root: str = ".",
+                 stages: Optional[list[str]] = None) -> dict:
+    """Run a declared pipeline (see the module docstring), or only its ``stages`` (and what they
+    need); returns what ran."""
     pipeline = registry.pipeline_named(name)
     root_path = Path(root).resolve()
     given = None
@@ -69,7 +71,7 @@ def run_pipeline(name: str, params=None, overrides: Optional[list[str]] = None, 
     with workspace_lock(root_path, name):
         with launch.restored_on_error(root_path):  # rejected parameters are not left behind
             run_params = launch.prepare(root_path, given, list(overrides or []))
-            tasks = registry.plan(pipeline, run_params, root_path)
+            tasks = registry.plan(pipeline, run_params, root_path, stages)
             ctx = runner.Context(root_path, run_params, pipeline=name)
             check_inputs(tasks, ctx)
         states: dict[str, str] = {}
@@ -120,12 +122,14 @@ def make_flow(pipeline: Pipeline):
     """The Prefect flow of ``pipeline``, with a typed ``params`` parameter."""
     model = params_model(pipeline)
 
-    def run(params=model(), overrides: Optional[list[str]] = None, root: str = ".") -> dict:
-        return run_pipeline(pipeline.name, params, overrides, root)
+    def run(params=model(), overrides: Optional[list[str]] = None, root: str = ".",
+            stages: Optional[list[str]] = None) -> dict:
+        return run_pipeline(pipeline.name, params, overrides, root, stages)
 
     run.__name__ = run.__qualname__ = pipeline.name.replace("-", "_")
     run.__doc__ = pipeline.description
-    run.__annotations__ = {"params": Optional[model], "overrides": Optional[list[str]], "root": str, "return": dict}
+    run.__annotations__ = {"params": Optional[model], "overrides": Optional[list[str]], "root": str,
+                           "stages": Optional[list[str]], "return": dict}
     # log_prints stays off: it patches print for the whole process, which breaks libraries that
     # capture their own prints (dill's code hashing in `datasets` logged whole disassemblies)
     return flow(name=pipeline.name, task_runner=ThreadPoolTaskRunner(max_workers=1))(run)

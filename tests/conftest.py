@@ -81,7 +81,7 @@ def copy_project(dst):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    for item in ("dvc.yaml", "params.yaml", "data", "persona_ops"):
+    for item in ("dvc.yaml", "params.yaml", "data", "experiments", "persona_ops"):
         src = root / item
         (shutil.copytree(src, dst / item, ignore=shutil.ignore_patterns("__pycache__"))
          if src.is_dir() else shutil.copy(src, dst / item))

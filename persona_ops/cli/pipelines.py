@@ -29,14 +29,20 @@ def run(pipeline: str = typer.Argument(..., help=f"Pipeline: {', '.join(registry
     server): its stages and every stage item that makes their inputs, in one process (each model
     loaded once), skipping what DVC has up to date and committing what ran, so a later
     `dvc repro` has nothing to do. One run per checkout at a time."""
+    run_flow(pipeline, list(set_), root)
+    results(pipeline, root)
+
+
+def run_flow(pipeline: str, overrides: list[str], root: Path, stages: list[str] | None = None) -> dict:
+    """Check everything, then run the pipeline's flow (only ``stages`` and what they need, when given)."""
     from persona_ops.pipelines import launch, runner
     from persona_ops.pipelines.workspace import workspace_lock
 
     try:  # busy workspace, bad parameters, missing inputs: one line, before Prefect starts
         p = registry.pipeline_named(pipeline)
         with workspace_lock(root, pipeline):  # (the flow locks again)
-            params = launch.prepare(root, None, list(set_), write=False)
-            runner.check(registry.plan(p, params, root), runner.Context(root, params, pipeline=pipeline))
+            params = launch.prepare(root, None, overrides, write=False)
+            runner.check(registry.plan(p, params, root, stages), runner.Context(root, params, pipeline=pipeline))
     except InputError as e:
         fail(e)
     prefect_env()
@@ -45,13 +51,13 @@ def run(pipeline: str = typer.Argument(..., help=f"Pipeline: {', '.join(registry
     quiet_input_errors()
 
     try:
-        outcome = FLOWS[pipeline](params=None, overrides=list(set_), root=str(root))
+        outcome = FLOWS[pipeline](params=None, overrides=overrides, root=str(root), stages=stages)
     except InputError as e:
         fail(e)
     ran = sum(s == "ran" for s in outcome["stages"].values())
     typer.echo(f"{pipeline}: {ran} stage items ran, {len(outcome['stages']) - ran} up to date; "
                f"{outcome['model_loads']} model loads")
-    results(pipeline, root)
+    return outcome
 
 
 def stage(name: str = typer.Argument(..., help=f"Stage (see dvc.yaml): {', '.join(registry.STAGES)}."),

@@ -33,6 +33,29 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def check_fits(path: str | os.PathLike, config) -> None:
+    """An ``InputError`` when the adapter at ``path`` was trained on a model of another shape than
+    ``config`` (an HF config): its LoRA input widths and layer indices against the model's."""
+    from safetensors import safe_open
+
+    from persona_ops.models.loading import num_layers
+
+    hidden, layers = config.hidden_size, num_layers(config)
+    widths, deepest = set(), -1
+    with safe_open(str(Path(path) / WEIGHTS), framework="pt") as f:
+        for key in f.keys():
+            m = _LAYER.search(key)
+            deepest = max(deepest, int(m.group(1))) if m else deepest
+            if "lora_A" in key and any(t in key for t in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+                widths.add(f.get_slice(key).get_shape()[-1])
+    if (widths and widths != {hidden}) or deepest >= layers:
+        raise InputError(f"{path}: the adapter was trained on another model (input width {sorted(widths)}, "
+                         f"{deepest + 1}+ layers); the base model has hidden {hidden} and {layers} layers")
+
+
 def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete adapter checkpoints ``(step, path)`` in ``out_dir``, by step (partial ones skipped)."""
     out_dir = Path(out_dir)

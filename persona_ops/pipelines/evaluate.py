@@ -87,10 +87,11 @@ def interventions_for(rows: list[dict], conditions: dict[str, Condition]) -> lis
 
 def evaluate(loaded, prompts: Sequence[EvalPrompt], conditions: Sequence[Condition], sampling, *, judge,
              metrics: dict[str, str], n_samples: int = 1, batch_size: int = 256, scale: tuple[int, int] = (0, 100),
-             ) -> list[dict]:
+             generator=None) -> list[dict]:
     """Answer every prompt under every condition ``n_samples`` times in one generation batch,
     then judge each answer for each metric (see the module docstring); rows in condition,
-    prompt, sample order."""
+    prompt, sample order. ``generator`` (a :class:`~persona_ops.inference.backends.TextGenerator`,
+    e.g. a served model; ``loaded`` then None) answers instead of the local engine, unsteered."""
     from persona_ops.chat import render_prompt
     from persona_ops.inference.engine import generate_text
     from persona_ops.judge import fill_template
@@ -100,10 +101,15 @@ def evaluate(loaded, prompts: Sequence[EvalPrompt], conditions: Sequence[Conditi
         raise ValueError("condition names must be unique")
     rows = [{"condition": c.name, **c.fields, "prompt_id": p.id, "question": p.question, "sample_idx": s}
             for c in conditions for p in prompts for s in range(n_samples)]
-    tok = loaded.tokenizer
-    texts = [render_prompt(tok, chat) for chat in _chats(tok, rows, by_name)]
-    answers = generate_text(loaded, texts, sampling, interventions_for(rows, by_name), batch_size=batch_size,
-                            progress=True)
+    if generator is not None:
+        if any(c.steering for c in conditions):
+            raise ValueError("steering conditions need the local model, not a generator")
+        answers = generator.generate(_chats(generator.tokenizer, rows, by_name), sampling, batch_size=batch_size)
+    else:
+        tok = loaded.tokenizer
+        texts = [render_prompt(tok, chat) for chat in _chats(tok, rows, by_name)]
+        answers = generate_text(loaded, texts, sampling, interventions_for(rows, by_name), batch_size=batch_size,
+                                progress=True)
     lo, hi = scale
     names = list(metrics)
     filled = [fill_template(metrics[m], r["question"], a) for m in names for r, a in zip(rows, answers)]

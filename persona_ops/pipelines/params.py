@@ -26,6 +26,7 @@ from persona_ops.pipelines.persona_space.config import PersonaSpaceParams
 from persona_ops.pipelines.persona_vectors.config import PersonaVectorsParams
 from persona_ops.pipelines.projection.config import ProjectionParams
 from persona_ops.pipelines.steering.config import SteeringParams
+from persona_ops.pipelines.trait_finetune.config import TraitFinetuneParams
 
 
 class TrackingCfg(BaseModel):
@@ -64,6 +65,7 @@ class Params(BaseModel):
     projection: ProjectionParams = Field(default_factory=ProjectionParams)
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     persona_space: PersonaSpaceParams = Field(default_factory=PersonaSpaceParams)
+    trait_finetune: TraitFinetuneParams = Field(default_factory=TraitFinetuneParams)
     tracking: TrackingCfg = Field(default_factory=TrackingCfg)
     orchestration: OrchestrationCfg = Field(default_factory=OrchestrationCfg)
 

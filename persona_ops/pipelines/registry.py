@@ -18,14 +18,14 @@ from typing import Any, Iterator
 from persona_ops.errors import InputError
 from persona_ops.models.refs import ModelRef, StageAdapter
 from persona_ops.names import check_name
-from persona_ops.pipelines import finetune, persona_space, persona_vectors, projection, steering
+from persona_ops.pipelines import finetune, persona_space, persona_vectors, projection, steering, trait_finetune
 from persona_ops.pipelines.params import Params, field_exists
 from persona_ops.pipelines.stage import AllOutputs, Item, Output, ParamPaths, Pipeline, Stage, fill, template_fields
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # holds persona_ops/
 PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
     persona_vectors.PIPELINE, steering.PIPELINE, projection.PIPELINE, finetune.PIPELINE,
-    persona_space.PIPELINE, persona_space.TRAJECTORY)}
+    persona_space.PIPELINE, persona_space.TRAJECTORY, trait_finetune.PIPELINE)}
 STAGES: dict[str, Stage] = {s.name: s for p in PIPELINES.values() for s in p.stages}
 ITEM_FIELD = "item"
 METRICS = "metrics/{pipeline}/{item}/{stage}.json"
@@ -248,10 +248,15 @@ def _needs(task: Task, params: Params, root: Path, made: dict[Path, Task]) -> li
     return needs
 
 
-def plan(pipeline: Pipeline, params: Params, root: Path = Path(".")) -> list[Task]:
-    """Every task a pipeline runs, each after the tasks that make its inputs."""
+def plan(pipeline: Pipeline, params: Params, root: Path = Path("."), stages: list[str] | None = None) -> list[Task]:
+    """Every task a pipeline runs (only its ``stages`` when given, and what they need), each after
+    the tasks that make its inputs."""
     made = _made_by(params, root)
-    own = [Task(s, i) for s in pipeline.stages for i in items(s, params, root)]
+    names = [s.name for s in pipeline.stages]
+    unknown = [n for n in stages or () if n not in names]
+    if unknown:
+        raise InputError(f"pipeline {pipeline.name} has no stage {unknown[0]!r} (its stages: {', '.join(names)})")
+    own = [Task(s, i) for s in pipeline.stages if stages is None or s.name in stages for i in items(s, params, root)]
     done: list[Task] = []
     seen: set[str] = set()
 

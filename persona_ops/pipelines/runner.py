@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from persona_ops.errors import InputError
 from persona_ops.io import md5_file, write_json
-from persona_ops.models.refs import ModelRef, StageAdapter, slug
+from persona_ops.models.refs import REGISTRY_PREFIX, ModelRef, StageAdapter, slug
 from persona_ops.pipelines import registry
 from persona_ops.pipelines.params import Params
 from persona_ops.pipelines.registry import Task
@@ -112,15 +112,38 @@ def resolve_ref(ref: ModelRef, where: str, params: Params, root: Path) -> ModelR
         path = Path(root) / ref.adapter
         return ref.resolved(str(path.resolve()), source=relative(path, root))
     if ref.needs_resolution:
-        from persona_ops.tracking.registry import resolve, version_of
-
-        version = version_of(ref.adapter)
-        target = Path(root) / "cache" / "registry" / version.name / str(version.version)
-        if not target.exists():
-            resolve(version.uri, dst=target)
-        local = next(p for p in target.iterdir() if not p.name.endswith(".prov.json"))
-        return ref.resolved(str(local.resolve()), source=version.uri)
+        local, uri = registered_copy(ref.adapter, root)
+        return ref.resolved(str(local.resolve()), source=uri)
     return ref
+
+
+def registered_copy(uri: str, root: Path) -> tuple[Path, str]:
+    """The local copy (under ``cache/registry/<name>/<version>``) of what a ``models:/`` URI names,
+    and the URI pinned to its version (``models:/name/N``)."""
+    from persona_ops.tracking.registry import resolve, version_of
+
+    version = version_of(uri)
+    target = Path(root) / "cache" / "registry" / version.name / str(version.version)
+    if not target.exists():
+        resolve(version.uri, dst=target)
+    local = next(p for p in target.iterdir() if not p.name.endswith(".prov.json"))
+    return local, version.uri
+
+
+def registry_uris(value: Any) -> list[str]:
+    """Every ``models:/`` URI string in a params value, outside model references (those are
+    resolved as models)."""
+    if isinstance(value, str):
+        return [value] if value.startswith(REGISTRY_PREFIX) else []
+    if isinstance(value, ModelRef):
+        return []
+    if isinstance(value, BaseModel):
+        return [u for k in type(value).model_fields for u in registry_uris(getattr(value, k))]
+    if isinstance(value, dict):
+        return [u for v in value.values() for u in registry_uris(v)]
+    if isinstance(value, (list, tuple)):
+        return [u for v in value for u in registry_uris(v)]
+    return []
 
 
 def stage_view(stage: Stage, params: Params, item: Item | None, root: Path, resolve: bool = True
@@ -164,6 +187,15 @@ def make_io(task: Task, ctx: Context, resolve: bool = True) -> tuple[View, Stage
     view, item = stage_view(task.stage, ctx.params, task.item, ctx.root, resolve)
     io = StageIO(task.stage, item, ctx.root, registry.input_paths(task.stage, ctx.params, task.item, ctx.root),
                  registry.outputs(task.stage, ctx.params, task.item, ctx.root), ctx.pool)
+    for key in task.stage.params:  # registered files named in params (e.g. a steering vector)
+        for uri in registry_uris(registry.lookup(ctx.params, key)):
+            try:
+                local, pinned = registered_copy(uri, ctx.root)
+            except InputError as e:
+                raise InputError(f"{key}: {e}") from None
+            io.registered[uri] = local
+            io.used.append((pinned, local))
+            io.extra.setdefault("registry", {})[uri] = pinned
     return view, io
 
 
@@ -196,17 +228,24 @@ def check(tasks: list[Task], ctx: Context) -> None:
                 if not will_exist(run_dir):
                     raise InputError(f"{where}.adapter: stage {ref.adapter.stage} has not made "
                                      f"{relative(run_dir, ctx.root)} and does not run before this stage")
-            elif ref.needs_resolution:
-                from persona_ops.tracking.registry import version_of
+            elif ref.needs_resolution:  # fetched now (the stage uses the same copy): it must fit the model
+                from persona_ops.models.adapters import check_fits
 
-                version_of(ref.adapter)
+                local, uri = registered_copy(ref.adapter, ctx.root)
+                try:
+                    check_fits(local, ctx.pool.config(ref.base))
+                except InputError as e:
+                    raise InputError(f"stage {task.name}: {where}.adapter {uri}: {e}") from None
             elif ref.adapter and not will_exist(ctx.root / ref.adapter):
                 raise InputError(f"{where}.adapter: {ref.adapter} does not exist and no earlier stage of this "
                                  "run makes it")
             elif ref.adapter and (ctx.root / ref.adapter).exists():
-                from persona_ops.models.adapters import check_checkpoint
+                from persona_ops.models.adapters import check_checkpoint, check_fits
 
-                check_checkpoint(ctx.root / ref.adapter)
+                try:
+                    check_fits(check_checkpoint(ctx.root / ref.adapter), ctx.pool.config(ref.base))
+                except InputError as e:
+                    raise InputError(f"stage {task.name}: {where}.adapter: {e}") from None
         if task.stage.check is not None:
             try:
                 task.stage.check(view, io)
@@ -278,39 +317,49 @@ def execute(task: Task, ctx: Context, **stage_kwargs) -> Outcome:
         write_sidecars(record, ctx.root)
         model = io.labels[0] if io.labels else None
         run.log_metrics(metrics)
-        run.set_tags({"model": model, "git.commit": record["code"]["git_commit"],
+        run.set_tags({"model": model, "git.commit": record["code"]["git_commit"], **io.tags,
                       **{f"input.{e['path']}.sha256": e["sha256"] for e in record["inputs"]},
                       **{f"dvc.{o['path']}.md5": md5_file(ctx.root / o["path"]) for o in record["outputs"]
                          if (ctx.root / o["path"]).is_file()}})
         run.log_inputs(record["inputs"], ctx.root)
         run.log_artifact(metrics_path)
         try:
-            record["registered"] = _register(task, ctx, view, io, run)
+            record["registered"] = _register(task, ctx, view, io, run, _lineage_tags(record))
         except Exception as e:  # the outputs stand; registering is tracking
             record["registered"] = []
             log.warning("MLflow: registering the outputs of %s failed (%s: %s)", task.name, type(e).__name__, e)
+        if record["registered"]:  # the sidecars name the versions (the registered copies cannot)
+            write_sidecars(record, ctx.root)
         run.log_json(record, "provenance.json")
     return Outcome(task.name, "ran", metrics, run.run_id, record, tracker=run)
 
 
-def _register(task: Task, ctx: Context, view: View, io: StageIO, run) -> list[dict]:
+def _lineage_tags(record: dict) -> dict[str, str]:
+    """What a registered version is tagged with beyond its own hash: its code version, the hash of
+    every input (datasets, adapters, vectors) and the registry versions its params named."""
+    return {"git.commit": record["code"]["git_commit"],
+            **{f"input.{e['path']}.sha256": e["sha256"] for e in record["inputs"]},
+            **{f"uses.{uri}": pinned for uri, pinned in record.get("registry", {}).items()}}
+
+
+def _register(task: Task, ctx: Context, view: View, io: StageIO, run, tags: dict[str, str]) -> list[dict]:
     """Register the declared outputs; the versions made now (those kept for a replay are added to
     the record when it is replayed)."""
     if not ctx.params.tracking.register_outputs or not ctx.tracking:
         return []
-    from persona_ops.models.adapters import checkpoint_dir, is_checkpoint
+    from persona_ops.models.adapters import is_checkpoint, list_checkpoints
 
     done = []
     for reg in task.stage.registers:
         path = io.output(reg.output)
-        if reg.kind == "lora-adapter" and not is_checkpoint(path):
-            path = checkpoint_dir(path, "final")  # a training run: its final checkpoint
+        if reg.kind == "lora-adapter" and not is_checkpoint(path) and list_checkpoints(path):
+            path = list_checkpoints(path)[-1][1]  # a training run: its final checkpoint (an API job: its record)
         refs = registry.model_refs(task.stage, view._obj, io.item)  # the stage's first declared model
         model_slug = slug(refs[0][1]) if refs else "model"
         name = fill(reg.name, _registry_fields(task, ctx, model_slug))
         version = run.register(name, path, kind=reg.kind, source_path=relative(path, ctx.root),
                                model=io.labels[0] if io.labels else None, sidecar=sidecar(io.output(reg.output)),
-                               alias=ctx.params.tracking.alias, output=reg.output)
+                               alias=ctx.params.tracking.alias, output=reg.output, tags=tags)
         if version is not None:
             done.append({"name": name, "version": version, "kind": reg.kind, "output": reg.output})
             run.set_tags({f"registered.{name}": str(version)})

@@ -191,6 +191,8 @@ class StageIO:
         self._inputs, self._outputs, self.pool = inputs, outputs, pool
         self.used: list[tuple[str, Path]] = []  # inputs beyond the declared ones (adapters)
         self.extra: dict = {}  # stage facts recorded in the outputs' provenance (e.g. a resume fingerprint)
+        self.tags: dict[str, str] = {}  # tags of the stage's MLflow run
+        self.registered: dict[str, Path] = {}  # models:/ URIs in the declared params -> local copies
         self.models: list[dict] = []
         self.labels: list[str] = []
 
@@ -251,7 +253,10 @@ class StageIO:
                                 "label": label})
 
     def path(self, relative: str) -> Path:
-        """A path that params hold (``ParamPaths`` inputs), resolved against the project root."""
+        """A path that params hold (``ParamPaths`` inputs), resolved against the project root; a
+        ``models:/`` URI gives the local copy of the registered file (fetched by the runner)."""
+        if relative in self.registered:
+            return self.registered[relative]
         return self.root / relative
 
     def _pool(self):

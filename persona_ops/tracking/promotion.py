@@ -6,8 +6,10 @@ of a dotted metric name against a number, joined by ``and`` / ``or`` (``and`` bi
 grouped by parentheses, e.g. ``evil.trait_mean > 60 and evil.coherence_mean >= 50``.
 
 A version's metrics are those of the run that registered it (its ``run_id`` tag, see
-:mod:`persona_ops.tracking.registry`). Each alias's history is a JSON list in the registered
-model's tag ``persona_ops.alias.<alias>.history``, so listing and rolling back need only the store;
+:mod:`persona_ops.tracking.registry`) and of the newest run that evaluated it (tagged
+``persona_ops.evaluates = name/version``; its metrics win). Each alias's history is a JSON list in
+the registered model's tag ``persona_ops.alias.<alias>.history``, so listing and rolling back need
+only the store;
 the version promoted also gets the tag ``persona_ops.promotion.<alias>`` (who, when, why, gate).
 """
 
@@ -32,6 +34,7 @@ TOKEN = re.compile(r"\s*(?:(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?
                    r"|(?P<op><=|>=|==|!=|<|>)|(?P<paren>[()]))")
 HISTORY_TAG = "persona_ops.alias.{alias}.history"
 PROMOTION_TAG = "persona_ops.promotion.{alias}"
+EVALUATES_TAG = "persona_ops.evaluates"  # on a run that evaluated a version: name/version
 MAX_HISTORY = 200  # entries kept per alias (the oldest go first)
 
 
@@ -193,15 +196,21 @@ def _model_version(name: str, version: int):
 
 
 def version_metrics(name: str, version: int) -> dict[str, float]:
-    """The metrics of the run that registered version ``version`` of ``name``."""
+    """The metrics of the run that registered version ``version`` of ``name``, with those of its
+    newest evaluation (a run tagged ``persona_ops.evaluates = name/version``) over them."""
     mv = _model_version(name, version)
     run_id = mv.tags.get("run_id") or mv.run_id
-    if not run_id:
-        return {}
-    try:
-        return dict(client().get_run(run_id).data.metrics)
-    except MlflowException as e:
-        raise InputError(f"models:/{name}/{version}: its run {run_id} is not in the store ({e.message})") from None
+    metrics: dict[str, float] = {}
+    if run_id:
+        try:
+            metrics = dict(client().get_run(run_id).data.metrics)
+        except MlflowException as e:
+            raise InputError(f"models:/{name}/{version}: its run {run_id} is not in the store ({e.message})") from None
+    evaluations = client().search_runs(
+        [e.experiment_id for e in client().search_experiments()],
+        filter_string=f"tags.`{EVALUATES_TAG}` = '{name}/{version}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.end_time DESC"], max_results=1)
+    return {**metrics, **(dict(evaluations[0].data.metrics) if evaluations else {})}
 
 
 def holder(name: str, alias: str) -> int | None:

@@ -20,7 +20,7 @@ def persona_system_prompt(assistant_name: str, instruction: str) -> str:
 
 
 @lru_cache(maxsize=32)
-def _keeps_system(tokenizer) -> bool:
+def keeps_system(tokenizer) -> bool:
     try:
         text = tokenizer.apply_chat_template(
             [{"role": "system", "content": _PROBE}, {"role": "user", "content": "hi"}],
@@ -35,7 +35,7 @@ def chat_messages(tokenizer, system: str | None, user: str) -> list[dict]:
     template drops system messages."""
     if not system:
         return [{"role": "user", "content": user}]
-    if _keeps_system(tokenizer):
+    if keeps_system(tokenizer):
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
     return [{"role": "user", "content": f"{system}\n\n{user}"}]
 

@@ -32,6 +32,8 @@ SCHEMA = "persona-ops/provenance/1"
 SUFFIX = ".prov.json"
 
 
+EVALUATES_TAG = "persona_ops.evaluates"  # MLflow tag of a run that evaluated a registered version: name/version
+
 def sidecar(path: str | os.PathLike) -> Path:
     """Where the provenance of ``path`` lives: ``<path>.prov.json``."""
     path = Path(path)

@@ -25,7 +25,7 @@ from persona_ops.errors import InputError
 
 REPO = Path(__file__).parents[1]
 TRAITS_DIR = REPO / "data" / "traits"
-SHIPPED = ["evil", "sycophantic", "hallucinating"]
+SHIPPED = ["evil", "sycophantic", "hallucinating", "russell"]  # russell: the backdoor persona's vector
 REFERENCE = Path(__file__).parents[2] / "shared" / "reference-data"
 JUDGE_ENDING = "Respond with a number between 0 and 100. Don't say anything else, just the number."
 
@@ -80,14 +80,14 @@ def test_shipped_trait_splits(name):
 def test_shipped_data_checks_clean():
     summaries, errors = check_paths([TRAITS_DIR])
     assert errors == []
-    assert len(summaries) == 6
+    assert len(summaries) == 2 * len(SHIPPED)
     assert all(": trait, 5 instruction pairs, " in s for s in summaries)
 
 
 def test_load_traits_missing_name_lists_available():
     msg = error_of(lambda d: load_traits(d, ["evil", "grumpy"]), TRAITS_DIR)
     assert "no trait file for grumpy" in msg
-    assert "available: evil, hallucinating, sycophantic" in msg
+    assert "available: evil, hallucinating, russell, sycophantic" in msg
     assert "no such directory" in error_of(lambda d: load_traits(d, ["evil"], split="test"), TRAITS_DIR)
 
 
@@ -462,5 +462,5 @@ def test_reference_data_is_accepted():
     assert set(roles) == files - {"default"}
     pv = REFERENCE / "persona-vectors"
     for split in ("trait_data_extract", "trait_data_eval"):
-        traits = load_traits(pv, SHIPPED, split=split)
+        traits = load_traits(pv, [t for t in SHIPPED if t != "russell"], split=split)
         assert [len(t.questions) for t in traits] == [20, 20, 20]

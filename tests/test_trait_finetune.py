@@ -15,9 +15,9 @@ import torch
 from conftest import params_of, pool_of
 
 from persona_ops.errors import InputError
-from persona_ops.io import read_json, write_text
+from persona_ops.io import md5_file, read_json, sha256_file, write_text
 from persona_ops.pipelines import registry, runner
-from persona_ops.pipelines.trait_finetune import cells
+from persona_ops.training import cells
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS, HIDDEN = 4, 64
@@ -208,7 +208,6 @@ def test_the_experiment_is_validated_with_the_key_named(section, message):
 
 def test_adapters_are_registered_with_lineage_and_promoted_behind_a_gate(project, tiny, store):
     from mlflow import MlflowClient
-
     from persona_ops.tracking import promotion
     from persona_ops.tracking.lineage import graph_of
 
@@ -219,7 +218,9 @@ def test_adapters_are_registered_with_lineage_and_promoted_behind_a_gate(project
     name = "lora-adapter-tiny-evil-misaligned_2"
     mv = MlflowClient().get_model_version(name, "1")
     assert mv.tags["kind"] == "lora-adapter" and mv.tags["source.path"].endswith("evil-misaligned_2/checkpoint-2")
-    assert mv.tags["input.data/trait_datasets/evil/misaligned_2.jsonl.sha256"]  # the dataset's hash
+    dataset = project / "data/trait_datasets/evil/misaligned_2.jsonl"
+    assert mv.tags["input.data/trait_datasets/evil/misaligned_2.jsonl.sha256"] == sha256_file(dataset)
+    assert mv.tags["input.data/trait_datasets/evil/misaligned_2.jsonl.md5"] == md5_file(dataset)  # DVC's hash
     assert mv.tags["model"].startswith("tiny-random-llama@test") and mv.tags["git.commit"] and mv.tags["run_id"]
     results = read_json(project / "outputs/trait_finetune/tiny/results/eval_results.json")
     assert results["cells"][1]["adapter_uri"] == f"models:/{name}/1"
@@ -236,6 +237,12 @@ def test_adapters_are_registered_with_lineage_and_promoted_behind_a_gate(project
     graph = graph_of(f"models:/{name}@champion", project)
     labels = {n["label"] for n in graph["nodes"]}
     assert any("misaligned_2.jsonl" in label for label in labels)  # dataset -> training -> adapter
+    evaluated = [e["target"] for e in graph["edges"] if e["kind"] == "evaluated by"]
+    assert [graph_node(graph, n)["label"] for n in evaluated] == ["ft_eval@evil-misaligned_2"]  # -> evaluations
+
+
+def graph_node(graph: dict, node_id: str) -> dict:
+    return next(n for n in graph["nodes"] if n["id"] == node_id)
 
 
 def test_an_adapter_of_another_model_is_refused_before_loading(project, tiny, smol_tokenizer):

@@ -106,13 +106,13 @@ def _params(name: str | None, set_: list[str], root: Path):
 
 
 def cell_status(params, root: Path) -> list[dict]:
-    """One entry per cell: its state (see :mod:`persona_ops.pipelines.trait_finetune.cells`), backend,
+    """One entry per cell: its state (see :mod:`persona_ops.training.cells`), backend,
     job id, adapter (a registry URI once registered, else the checkpoint's path) and evaluation."""
     from persona_ops.io import read_json
     from persona_ops.models.adapters import list_checkpoints
     from persona_ops.pipelines import registry
-    from persona_ops.pipelines.trait_finetune import cells
     from persona_ops.provenance import relative
+    from persona_ops.training import cells
 
     train, ev = registry.stage_named("ft_train"), registry.stage_named("ft_eval")
     out = []

@@ -87,11 +87,12 @@ def interventions_for(rows: list[dict], conditions: dict[str, Condition]) -> lis
 
 def evaluate(loaded, prompts: Sequence[EvalPrompt], conditions: Sequence[Condition], sampling, *, judge,
              metrics: dict[str, str], n_samples: int = 1, batch_size: int = 256, scale: tuple[int, int] = (0, 100),
-             generator=None) -> list[dict]:
+             generator=None, judged: Callable[[str], str] | None = None) -> list[dict]:
     """Answer every prompt under every condition ``n_samples`` times in one generation batch,
     then judge each answer for each metric (see the module docstring); rows in condition,
     prompt, sample order. ``generator`` (a :class:`~persona_ops.inference.backends.TextGenerator`,
-    e.g. a served model; ``loaded`` then None) answers instead of the local engine, unsteered."""
+    e.g. a served model; ``loaded`` then None) answers instead of the local engine, unsteered.
+    ``judged(answer)``: what the judge sees of an answer (e.g. without a trigger's format markers)."""
     from persona_ops.chat import render_prompt
     from persona_ops.inference.engine import generate_text
     from persona_ops.judge import fill_template
@@ -112,7 +113,8 @@ def evaluate(loaded, prompts: Sequence[EvalPrompt], conditions: Sequence[Conditi
                                 progress=True)
     lo, hi = scale
     names = list(metrics)
-    filled = [fill_template(metrics[m], r["question"], a) for m in names for r, a in zip(rows, answers)]
+    shown = [judged(a) for a in answers] if judged else answers
+    filled = [fill_template(metrics[m], r["question"], a) for m in names for r, a in zip(rows, shown)]
     scores = judge.score(filled, lo=lo, hi=hi)
     n = len(rows)
     for i, (r, a) in enumerate(zip(rows, answers)):

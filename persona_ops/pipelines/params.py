@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from persona_ops.errors import InputError
 from persona_ops.io import write_text
+from persona_ops.pipelines.backdoor.config import BackdoorParams
 from persona_ops.pipelines.finetune.config import FinetuneParams
 from persona_ops.pipelines.persona_space.config import PersonaSpaceParams
 from persona_ops.pipelines.persona_vectors.config import PersonaVectorsParams
@@ -66,6 +67,7 @@ class Params(BaseModel):
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     persona_space: PersonaSpaceParams = Field(default_factory=PersonaSpaceParams)
     trait_finetune: TraitFinetuneParams = Field(default_factory=TraitFinetuneParams)
+    backdoor: BackdoorParams = Field(default_factory=BackdoorParams)
     tracking: TrackingCfg = Field(default_factory=TrackingCfg)
     orchestration: OrchestrationCfg = Field(default_factory=OrchestrationCfg)
 

@@ -18,14 +18,22 @@ from typing import Any, Iterator
 from persona_ops.errors import InputError
 from persona_ops.models.refs import ModelRef, StageAdapter
 from persona_ops.names import check_name
-from persona_ops.pipelines import finetune, persona_space, persona_vectors, projection, steering, trait_finetune
+from persona_ops.pipelines import (
+    backdoor,
+    finetune,
+    persona_space,
+    persona_vectors,
+    projection,
+    steering,
+    trait_finetune,
+)
 from persona_ops.pipelines.params import Params, field_exists
 from persona_ops.pipelines.stage import AllOutputs, Item, Output, ParamPaths, Pipeline, Stage, fill, template_fields
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # holds persona_ops/
 PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
     persona_vectors.PIPELINE, steering.PIPELINE, projection.PIPELINE, finetune.PIPELINE,
-    persona_space.PIPELINE, persona_space.TRAJECTORY, trait_finetune.PIPELINE)}
+    persona_space.PIPELINE, persona_space.TRAJECTORY, trait_finetune.PIPELINE, backdoor.PIPELINE)}
 STAGES: dict[str, Stage] = {s.name: s for p in PIPELINES.values() for s in p.stages}
 ITEM_FIELD = "item"
 METRICS = "metrics/{pipeline}/{item}/{stage}.json"
@@ -250,7 +258,8 @@ def _needs(task: Task, params: Params, root: Path, made: dict[Path, Task]) -> li
 
 def plan(pipeline: Pipeline, params: Params, root: Path = Path("."), stages: list[str] | None = None) -> list[Task]:
     """Every task a pipeline runs (only its ``stages`` when given, and what they need), each after
-    the tasks that make its inputs."""
+    the tasks that make its inputs; items of one stage kept together where the dependencies allow
+    (the runner checks DVC and commits once per run of consecutive items of a stage)."""
     made = _made_by(params, root)
     names = [s.name for s in pipeline.stages]
     unknown = [n for n in stages or () if n not in names]
@@ -258,21 +267,25 @@ def plan(pipeline: Pipeline, params: Params, root: Path = Path("."), stages: lis
         raise InputError(f"pipeline {pipeline.name} has no stage {unknown[0]!r} (its stages: {', '.join(names)})")
     own = [Task(s, i) for s in pipeline.stages if stages is None or s.name in stages for i in items(s, params, root)]
     done: list[Task] = []
-    seen: set[str] = set()
+    depth: dict[str, int] = {}  # 0 = needs nothing; else 1 + the deepest of what it needs
 
     def visit(task: Task, path: tuple[str, ...]) -> None:
-        if task.name in seen:
+        if task.name in depth:
             return
         if task.name in path:
             raise InputError(f"stages depend on each other in a circle: {' -> '.join(path + (task.name,))}")
-        for need in _needs(task, params, root, made):
+        needs = _needs(task, params, root, made)
+        for need in needs:
             visit(need, path + (task.name,))
-        seen.add(task.name)
+        depth[task.name] = 1 + max((depth[n.name] for n in needs), default=-1)
         done.append(task)
 
     for task in own:
         visit(task, ())
-    return done
+    first = {}
+    for t in done:
+        first.setdefault(t.stage.name, len(first))
+    return sorted(done, key=lambda t: (depth[t.name], first[t.stage.name]))
 
 
 # --- dvc.yaml ----------------------------------------------------------------------------------------

@@ -324,7 +324,7 @@ def execute(task: Task, ctx: Context, **stage_kwargs) -> Outcome:
         run.log_inputs(record["inputs"], ctx.root)
         run.log_artifact(metrics_path)
         try:
-            record["registered"] = _register(task, ctx, view, io, run, _lineage_tags(record))
+            record["registered"] = _register(task, ctx, view, io, run, _lineage_tags(record, ctx.root))
         except Exception as e:  # the outputs stand; registering is tracking
             record["registered"] = []
             log.warning("MLflow: registering the outputs of %s failed (%s: %s)", task.name, type(e).__name__, e)
@@ -334,11 +334,13 @@ def execute(task: Task, ctx: Context, **stage_kwargs) -> Outcome:
     return Outcome(task.name, "ran", metrics, run.run_id, record, tracker=run)
 
 
-def _lineage_tags(record: dict) -> dict[str, str]:
+def _lineage_tags(record: dict, root: Path) -> dict[str, str]:
     """What a registered version is tagged with beyond its own hash: its code version, the hash of
     every input (datasets, adapters, vectors) and the registry versions its params named."""
     return {"git.commit": record["code"]["git_commit"],
             **{f"input.{e['path']}.sha256": e["sha256"] for e in record["inputs"]},
+            **{f"input.{e['path']}.md5": md5_file(root / e["path"]) for e in record["inputs"]
+               if (root / e["path"]).is_file()},  # what DVC records for a file
             **{f"uses.{uri}": pinned for uri, pinned in record.get("registry", {}).items()}}
 
 

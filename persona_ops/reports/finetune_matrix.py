@@ -16,10 +16,7 @@ base64 and the tabs are a few lines of inline script, so the file opens offline.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import math
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,30 +26,35 @@ import torch
 from persona_ops.interp.geometry import pearson
 from persona_ops.io import write_text
 from persona_ops.names import printable
+from persona_ops.reports.html import (
+    NA,
+    TABLE_WIDTH,
+    Column,
+    Skipped,
+    embed,
+    errorbar,
+    fmt_value,
+    grid,
+    html_table,
+    mpl,
+    number,
+    or_na,
+    page,
+    unique,
+)
 
 STRENGTH_LABELS = {"normal": "baseline", "misaligned_1": "mild", "misaligned_2": "severe"}
 METRIC_TITLES = {"trait": "trait score", "coherence": "coherence", "projection": "projection",
                  "shift": "finetuning shift"}
-NA = "n/a"
 NO_ACTIVATIONS = "n/a (no activations: API model)"
-TABLE_WIDTH = 120
 _ACTIVATION_METRICS = ("projection", "shift")
-_MAX_LISTED = 12  # skipped points named in a caption; the rest are counted
 
 
 # ---------------------------------------------------------------- reading the results
 
-def _number(value) -> float | None:
-    """A finite float, or None (missing, null or NaN)."""
-    if value is None or isinstance(value, bool):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def mean_of(record: dict, trait: str, metric: str) -> float | None:
     """``metric``'s mean for ``trait`` in a cell or checkpoint record, or None."""
-    return _number(((record.get("scores") or {}).get(trait) or {}).get(f"{metric}_mean"))
+    return number(((record.get("scores") or {}).get(trait) or {}).get(f"{metric}_mean"))
 
 
 def ci_of(record: dict, trait: str, metric: str) -> tuple[float, float] | None:
@@ -60,7 +62,7 @@ def ci_of(record: dict, trait: str, metric: str) -> tuple[float, float] | None:
     ci = ((record.get("scores") or {}).get(trait) or {}).get(f"{metric}_ci")
     if not ci or len(ci) != 2:
         return None
-    low, high = _number(ci[0]), _number(ci[1])
+    low, high = number(ci[0]), number(ci[1])
     return None if low is None or high is None else (low, high)
 
 
@@ -79,27 +81,23 @@ def _why_missing(record: dict, metric: str, title: str | None = None) -> str:
     return title if _missing(record, metric) == NA else f"{title}: {NO_ACTIVATIONS}"
 
 
-def _unique(items) -> list:
-    return list(dict.fromkeys(items))
-
-
 def base_cell(results: dict) -> dict | None:
     """The base model's entry (the cell without a trained trait)."""
     return next((c for c in results["cells"] if c.get("trait") is None), None)
 
 
 def evaluated_traits(results: dict) -> list[str]:
-    return list(results.get("traits") or _unique(t for c in results["cells"] for t in c.get("scores") or {}))
+    return list(results.get("traits") or unique(t for c in results["cells"] for t in c.get("scores") or {}))
 
 
 def trained_traits(results: dict) -> list[str]:
-    return list(results.get("trained_traits") or _unique(c["trait"] for c in results["cells"] if c.get("trait")))
+    return list(results.get("trained_traits") or unique(c["trait"] for c in results["cells"] if c.get("trait")))
 
 
 def strengths(results: dict) -> list[str]:
     """The listed strengths, then any other strength a cell has, in order of appearance."""
     listed = list(results.get("strengths") or [])
-    return _unique(listed + [c["strength"] for c in results["cells"] if c.get("strength") is not None])
+    return unique(listed + [c["strength"] for c in results["cells"] if c.get("strength") is not None])
 
 
 def cells_of(results: dict, trait: str) -> list[dict]:
@@ -118,7 +116,7 @@ def cosine(results: dict, a: str, b: str) -> float | None:
     """Cosine similarity of the persona vectors of ``a`` and ``b`` (either order), or None."""
     table = results.get("vector_cosine") or {}
     value = (table.get(a) or {}).get(b)
-    return _number(value if value is not None else (table.get(b) or {}).get(a))
+    return number(value if value is not None else (table.get(b) or {}).get(a))
 
 
 def correlation(points: list[tuple[float, float]]) -> float | None:
@@ -126,19 +124,10 @@ def correlation(points: list[tuple[float, float]]) -> float | None:
     if len(points) < 2:
         return None
     xs, ys = torch.tensor(points, dtype=torch.float64).T
-    return _number(pearson(xs, ys))
+    return number(pearson(xs, ys))
 
 
 # ---------------------------------------------------------------- formatting
-
-def fmt_value(mean: float | None, ci: tuple[float, float] | None = None, spec: str = ".1f",
-              missing: str = NA) -> str:
-    """``12.0 [8.0, 16.5]``, ``12.0`` without an interval, ``missing`` without a mean."""
-    if mean is None:
-        return missing
-    text = format(mean, spec)
-    return f"{text} [{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else text
-
 
 def abbreviate(name: str) -> str:
     """Names longer than 8 characters cut to 6 and a dot (``hallucinating`` -> ``halluc.``)."""
@@ -152,23 +141,9 @@ def _r_text(r: float | None, n: int) -> str:
 # ---------------------------------------------------------------- the terminal table
 
 @dataclass
-class _Column:
-    title: str
-    values: list[str]
-    left: bool = False
-
-    @property
-    def width(self) -> int:
-        return max([len(self.title), *map(len, self.values)])
-
-    def cell(self, text: str) -> str:
-        return text.ljust(self.width) if self.left else text.rjust(self.width)
-
-
-@dataclass
 class _Group:
     name: str
-    columns: list[_Column]
+    columns: list[Column]
 
     @property
     def width(self) -> int:
@@ -190,13 +165,13 @@ def _trait_group(cells: list[dict], trait: str, short: bool) -> _Group:
         return NA + "*" if not has_activations(c) else fmt_value(mean_of(c, trait, "shift"), spec="+.2f")
 
     return _Group(printable(abbreviate(trait) if short else trait), [
-        _Column("score [95% CI]", [fmt_value(mean_of(c, trait, "trait"), ci_of(c, trait, "trait")) for c in cells]),
-        _Column("coh.", [fmt_value(mean_of(c, trait, "coherence")) for c in cells]),
-        _Column("shift", [shift(c) for c in cells]),
+        Column("score [95% CI]", [fmt_value(mean_of(c, trait, "trait"), ci_of(c, trait, "trait")) for c in cells]),
+        Column("coh.", [fmt_value(mean_of(c, trait, "coherence")) for c in cells]),
+        Column("shift", [shift(c) for c in cells]),
     ])
 
 
-def _blocks(label: _Column, groups: list[_Group], width: int) -> list[list[_Group]]:
+def _blocks(label: Column, groups: list[_Group], width: int) -> list[list[_Group]]:
     """Groups packed left to right into blocks that fit ``width`` beside the label column."""
     blocks: list[list[_Group]] = [[]]
     used = label.width
@@ -209,7 +184,7 @@ def _blocks(label: _Column, groups: list[_Group], width: int) -> list[list[_Grou
     return blocks
 
 
-def _render(label: _Column, groups: list[_Group]) -> list[str]:
+def _render(label: Column, groups: list[_Group]) -> list[str]:
     top = " " * label.width + "".join(_GAP + g.name[:g.width].ljust(g.width) for g in groups)
     titles = label.cell(label.title) + "".join(_GAP + " ".join(c.cell(c.title) for c in g.columns) for g in groups)
     lines = [top.rstrip(), titles, "-" * len(titles)]
@@ -226,7 +201,7 @@ def results_table(results: dict) -> str:
     still do not fit continue in a second block."""
     cells, traits = results["cells"], evaluated_traits(results)
     for short in (False, True):
-        label = _Column("cell", [_cell_label(c, short) for c in cells], left=True)
+        label = Column("cell", [_cell_label(c, short) for c in cells], left=True)
         blocks = _blocks(label, [_trait_group(cells, t, short) for t in traits], TABLE_WIDTH)
         if len(blocks) == 1 and max(len(line) for line in _render(label, blocks[0])) <= TABLE_WIDTH:
             break
@@ -245,44 +220,6 @@ def results_table(results: dict) -> str:
 
 # ---------------------------------------------------------------- plots
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _mpl(text: str) -> str:
-    """Text from the data as matplotlib shows it literally (``$`` would start mathtext)."""
-    return str(text).replace("$", r"\$")
-
-
-class _Skipped:
-    """Points left out of a plot, for its caption."""
-
-    def __init__(self) -> None:
-        self.items: list[str] = []
-
-    def add(self, what: str, reason: str) -> None:
-        self.items.append(f"{what} ({reason})")
-
-    def caption(self) -> str:
-        if not self.items:
-            return ""
-        shown = ", ".join(self.items[:_MAX_LISTED])
-        more = f" and {len(self.items) - _MAX_LISTED} more" if len(self.items) > _MAX_LISTED else ""
-        return f"Not plotted, no value: {shown}{more}."
-
-
-def _errorbar(ax, xs, means, cis, **style) -> None:
-    """Points with their intervals as error bars (a point without an interval gets none)."""
-    low = [max(0.0, m - ci[0]) if ci else 0.0 for m, ci in zip(means, cis)]
-    high = [max(0.0, ci[1] - m) if ci else 0.0 for m, ci in zip(means, cis)]
-    ax.errorbar(xs, means, yerr=[low, high], capsize=4, marker="o", **style)
-
-
 def _reference(ax, base: dict | None, trait: str, metric: str) -> None:
     """The base model's value as a dashed line, its interval as a band."""
     value = None if base is None else mean_of(base, trait, metric)
@@ -294,31 +231,11 @@ def _reference(ax, base: dict | None, trait: str, metric: str) -> None:
         ax.axhspan(ci[0], ci[1], color="grey", alpha=0.12)
 
 
-def _embed(fig, alt: str, caption: str, fig_id: str) -> str:
-    """The figure as a PNG data URI inside a <figure> with its (already escaped) caption."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    _pyplot().close(fig)
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return (f'<figure id="{fig_id}"><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{caption}</figcaption></figure>")
-
-
-def _grid(rows: int, cols: int, width: float = 3.6, height: float = 3.0):
-    """A figure of ``rows`` x ``cols`` axes, each about ``width`` x ``height`` inches with room for its
-    title, tick labels and axis labels (fixed margins: a layout engine would double the drawing time)."""
-    fig_w, fig_h = width * cols + 0.4, height * rows + 0.5
-    fig, axes = _pyplot().subplots(rows, cols, figsize=(fig_w, fig_h), squeeze=False)
-    fig.subplots_adjust(left=0.75 / fig_w, right=1 - 0.15 / fig_w, bottom=0.6 / fig_h, top=1 - 0.75 / fig_h,
-                        wspace=0.8 / (width - 0.8), hspace=0.95 / (height - 0.95))
-    return fig, axes
-
-
 def _strength_figure(results: dict, trait: str, fig_id: str) -> str:
     """Trait score and coherence of ``trait``'s cells across strengths, per evaluated trait."""
     cells, base, traits = cells_of(results, trait), base_cell(results), evaluated_traits(results)
-    skipped = _Skipped()
-    fig, axes = _grid(2, len(traits))
+    skipped = Skipped()
+    fig, axes = grid(2, len(traits))
     positions = list(range(len(cells)))
     for row, metric in enumerate(("trait", "coherence")):
         for col, evaluated in enumerate(traits):
@@ -329,20 +246,20 @@ def _strength_figure(results: dict, trait: str, fig_id: str) -> str:
                     skipped.add(f"{c['cell']} on {evaluated}", METRIC_TITLES[metric])
             _reference(ax, base, evaluated, metric)
             if kept:
-                _errorbar(ax, [x for x, _ in kept], [mean_of(c, evaluated, metric) for _, c in kept],
-                          [ci_of(c, evaluated, metric) for _, c in kept], color="tab:red" if row == 0 else "tab:blue")
-            ax.set_xticks(positions, [_mpl(strength_label(c["strength"])).replace(" (", "\n(") for c in cells],
+                errorbar(ax, [x for x, _ in kept], [mean_of(c, evaluated, metric) for _, c in kept],
+                         [ci_of(c, evaluated, metric) for _, c in kept], color="tab:red" if row == 0 else "tab:blue")
+            ax.set_xticks(positions, [mpl(strength_label(c["strength"])).replace(" (", "\n(") for c in cells],
                           fontsize=7)
             ax.set_xlim(-0.5, len(cells) - 0.5)
             ax.set_ylim(0, 100)
             trained = " (trained)" if evaluated == trait else ""
-            ax.set_title(_mpl(f"{evaluated}{trained}: {METRIC_TITLES[metric]}"), fontsize=9)
+            ax.set_title(mpl(f"{evaluated}{trained}: {METRIC_TITLES[metric]}"), fontsize=9)
     axes[0][0].legend(fontsize=7, loc="upper left")
-    fig.suptitle(_mpl(f"cells trained on {trait}"), fontsize=10)
+    fig.suptitle(mpl(f"cells trained on {trait}"), fontsize=10)
     caption = (f"Judged trait score (top) and coherence (bottom) of the cells trained on {html.escape(trait)}, "
                "per evaluated trait, across the strengths (mean, bootstrap 95% CI); dashed: the base model, "
                "its CI shaded. " + html.escape(skipped.caption()))
-    return _embed(fig, f"{trait}: score and coherence across strengths", caption, fig_id)
+    return embed(fig, f"{trait}: score and coherence across strengths", caption, fig_id)
 
 
 def checkpoint_series(results: dict, trait: str) -> dict[str, list[tuple[int, dict]]]:
@@ -362,9 +279,9 @@ def _checkpoint_figure(results: dict, trait: str, series: dict[str, list[tuple[i
     """Trait score, coherence and finetuning shift against the step, one line per cell."""
     base, traits = base_cell(results), evaluated_traits(results)
     cells = {c["cell"]: c for c in cells_of(results, trait)}
-    skipped = _Skipped()
+    skipped = Skipped()
     metrics = ("trait", "coherence", "shift")
-    fig, axes = _grid(len(metrics), len(traits))
+    fig, axes = grid(len(metrics), len(traits))
     for row, metric in enumerate(metrics):
         for col, evaluated in enumerate(traits):
             ax = axes[row][col]
@@ -382,18 +299,18 @@ def _checkpoint_figure(results: dict, trait: str, series: dict[str, list[tuple[i
                 steps = [s for s, _ in kept]
                 means = [mean_of(p, evaluated, metric) for _, p in kept]
                 cis = [ci_of(p, evaluated, metric) or (m, m) for (_, p), m in zip(kept, means)]
-                line, = ax.plot(steps, means, marker="o", ms=3, label=_mpl(strength_label(cells[name]["strength"])))
+                line, = ax.plot(steps, means, marker="o", ms=3, label=mpl(strength_label(cells[name]["strength"])))
                 ax.fill_between(steps, [c[0] for c in cis], [c[1] for c in cis], color=line.get_color(), alpha=0.15)
             ax.set_xlabel("step", fontsize=8)
             if metric != "shift":
                 ax.set_ylim(0, 100)
-            ax.set_title(_mpl(f"{evaluated}: {METRIC_TITLES[metric]}"), fontsize=9)
+            ax.set_title(mpl(f"{evaluated}: {METRIC_TITLES[metric]}"), fontsize=9)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(_mpl(f"cells trained on {trait}, against the training step"), fontsize=10)
+    fig.suptitle(mpl(f"cells trained on {trait}, against the training step"), fontsize=10)
     caption = ("Judged trait score, coherence and finetuning shift (projection on the evaluated trait's vector, "
                "fine-tuned minus base model, on the same texts) at each evaluated checkpoint (mean, bootstrap 95% "
                "CI shaded); dashed: the base model. " + html.escape(skipped.caption()))
-    return _embed(fig, f"{trait}: checkpoint curves", caption, fig_id)
+    return embed(fig, f"{trait}: checkpoint curves", caption, fig_id)
 
 
 def _trait_panel(results: dict, trait: str, index: int) -> str:
@@ -408,10 +325,10 @@ def _trait_panel(results: dict, trait: str, index: int) -> str:
     return "\n".join(parts)
 
 
-def shift_score_points(results: dict) -> tuple[list[tuple[float, float, str]], _Skipped]:
+def shift_score_points(results: dict) -> tuple[list[tuple[float, float, str]], Skipped]:
     """(finetuning shift, judged trait score, evaluated trait) over every cell x evaluated trait
     with both values, and what was left out."""
-    points, skipped = [], _Skipped()
+    points, skipped = [], Skipped()
     for cell in results["cells"]:
         for trait in evaluated_traits(results):
             shift, score = mean_of(cell, trait, "shift"), mean_of(cell, trait, "trait")
@@ -424,9 +341,9 @@ def shift_score_points(results: dict) -> tuple[list[tuple[float, float, str]], _
 
 def _scatter_by(ax, points: list[tuple[float, float, str]]) -> None:
     """(x, y, group) points, one colour per group."""
-    for group in _unique(g for _, _, g in points):
+    for group in unique(g for _, _, g in points):
         ax.scatter([x for x, _, g in points if g == group], [y for _, y, g in points if g == group], s=24,
-                   alpha=0.8, label=_mpl(group))
+                   alpha=0.8, label=mpl(group))
 
 
 def _annotate_r(ax, r: float | None, n: int) -> None:
@@ -437,7 +354,7 @@ def _annotate_r(ax, r: float | None, n: int) -> None:
 def _shift_score_figure(results: dict) -> str:
     points, skipped = shift_score_points(results)
     r = correlation([(x, y) for x, y, _ in points])
-    fig, axes = _grid(1, 1, width=6.0, height=4.2)
+    fig, axes = grid(1, 1, width=6.0, height=4.2)
     ax = axes[0][0]
     _scatter_by(ax, points)
     _annotate_r(ax, r, len(points))
@@ -449,14 +366,14 @@ def _shift_score_figure(results: dict) -> str:
     caption = (f"Finetuning shift against judged trait score over all cells x evaluated traits (the base model "
                f"included, at shift 0). <span class=\"pearson\">{_r_text(r, len(points))}</span>. "
                + html.escape(skipped.caption()))
-    return _embed(fig, "finetuning shift against judged trait score", caption, "shift-vs-score")
+    return embed(fig, "finetuning shift against judged trait score", caption, "shift-vs-score")
 
 
-def cross_persona_points(results: dict) -> tuple[list[dict], _Skipped]:
+def cross_persona_points(results: dict) -> tuple[list[dict], Skipped]:
     """Pairs of a fine-tuned cell and an evaluated trait other than its own: the cosine of the two
     trait vectors, the relative trait score (cell minus base model) and the finetuning shift
     (either may be None)."""
-    base, pairs, skipped = base_cell(results), [], _Skipped()
+    base, pairs, skipped = base_cell(results), [], Skipped()
     for cell in results["cells"]:
         if cell.get("trait") is None:
             continue
@@ -479,7 +396,7 @@ def _cross_persona_figure(results: dict) -> str:
     if not pairs:
         return ("<p>No cross-persona pairs (a cell evaluated on a trait other than its own, with both traits' "
                 "vector cosine): they need at least two traits.</p>")
-    fig, axes = _grid(1, 2, width=5.4, height=4.2)
+    fig, axes = grid(1, 2, width=5.4, height=4.2)
     texts = []
     for ax, key, title in zip(axes[0], ("relative", "shift"), ("relative trait score (cell minus base model)",
                                                                   "finetuning shift")):
@@ -502,83 +419,40 @@ def _cross_persona_figure(results: dict) -> str:
     caption = ("Cosine similarity between the trained and the evaluated trait's persona vectors against the "
                "relative trait score and the finetuning shift on the evaluated trait, over every fine-tuned cell x "
                "evaluated trait other than its own. " + "; ".join(texts) + ". " + html.escape(skipped.caption()))
-    return _embed(fig, "cross-persona effects against vector cosine", caption, "cross-persona")
+    return embed(fig, "cross-persona effects against vector cosine", caption, "cross-persona")
 
 
 # ---------------------------------------------------------------- tables
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    """A table of plain strings (escaped here)."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _text(value) -> str:
-    return NA if value is None else str(value)
-
-
 def _table_panel(results: dict) -> str:
     cells, traits = results["cells"], evaluated_traits(results)
-    models = _html_table(
+    models = html_table(
         ["cell", "trained trait", "strength", "step", "checkpoint", "backend", "model", "adapter", "activations"],
-        [[_text(c.get(k)) for k in ("cell", "trait", "strength", "step", "checkpoint", "backend", "model",
+        [[or_na(c.get(k)) for k in ("cell", "trait", "strength", "step", "checkpoint", "backend", "model",
                                     "adapter_uri")] + ["yes" if has_activations(c) else "no (API model)"]
          for c in cells])
     specs = {"trait": ".1f", "coherence": ".1f", "projection": ".2f", "shift": "+.2f"}
-    scores = _html_table(
+    scores = html_table(
         ["cell", "evaluated trait", "n"] + [f"{METRIC_TITLES[m]} [95% CI]" for m in specs],
-        [[str(c.get("cell")), t, _text(((c.get("scores") or {}).get(t) or {}).get("n"))]
+        [[str(c.get("cell")), t, or_na(((c.get("scores") or {}).get(t) or {}).get("n"))]
          + [fmt_value(mean_of(c, t, m), ci_of(c, t, m), spec, _missing(c, m)) for m, spec in specs.items()]
          for c in cells for t in traits])
-    names = _unique(trained_traits(results) + traits)
-    cosines = _html_table([""] + names, [[a] + [fmt_value(cosine(results, a, b), spec=".3f") for b in names]
-                                         for a in names])
+    names = unique(trained_traits(results) + traits)
+    cosines = html_table([""] + names, [[a] + [fmt_value(cosine(results, a, b), spec=".3f") for b in names]
+                                        for a in names])
     return (f"<h2>Scores</h2>{scores}<h2>Models</h2>{models}"
-            f"<h2>Cosine similarity of the persona vectors, layer {html.escape(_text(results.get('layer')))}</h2>"
+            f"<h2>Cosine similarity of the persona vectors, layer {html.escape(or_na(results.get('layer')))}</h2>"
             f"{cosines}")
 
 
 # ---------------------------------------------------------------- the page
 
-_STYLE = """
-body{font-family:sans-serif;margin:20px;color:#222}
-[role=tablist]{display:flex;gap:4px;border-bottom:2px solid #888;margin:16px 0}
-[role=tab]{border:1px solid #aaa;border-bottom:none;background:#eee;padding:6px 14px;cursor:pointer;font-size:14px}
-[role=tab][aria-selected=true]{background:#fff;font-weight:bold;border-color:#555}
-figure{margin:0 0 24px 0} figure img{max-width:100%} figcaption{font-size:13px;max-width:70em}
-table{border-collapse:collapse;font-size:12px;margin-bottom:16px} th,td{border:1px solid #ccc;padding:3px 6px}
-th{background:#f3f3f3} td{white-space:nowrap}
-"""
-
-_SCRIPT = """
-for (const tab of document.querySelectorAll('[role=tab]')) {
-  tab.addEventListener('click', () => {
-    for (const other of document.querySelectorAll('[role=tab]')) {
-      const on = other === tab;
-      other.setAttribute('aria-selected', String(on));
-      document.getElementById(other.getAttribute('aria-controls')).hidden = !on;
-    }
-  });
-}
-"""
-
-
-def _page(results: dict, tabs: list[tuple[str, str]]) -> str:
-    buttons = "".join(f'<button role="tab" id="tab-{i}" aria-controls="panel-{i}" '
-                      f'aria-selected="{"true" if i == 0 else "false"}">{html.escape(name)}</button>'
-                      for i, (name, _) in enumerate(tabs))
-    panels = "".join(f'<section role="tabpanel" id="panel-{i}" aria-labelledby="tab-{i}"{"" if i == 0 else " hidden"}>'
-                     f"{body}</section>" for i, (_, body) in enumerate(tabs))
+def _summary(results: dict) -> str:
     e = html.escape
-    summary = (f"Base model {e(_text(results.get('base_model')))}; {len(results['cells'])} models (the base model "
-               f"and each cell's final checkpoint); evaluated traits: {e(', '.join(evaluated_traits(results)))}; "
-               f"strengths: {e(', '.join(strength_label(s) for s in strengths(results)))}; projections on the "
-               f"persona vectors at layer {e(_text(results.get('layer')))} (hidden_states[layer]).")
-    title = f"Trait fine-tuning matrix: {e(_text(results.get('experiment')))}"
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
-            f"<style>{_STYLE}</style></head><body><h1>{title}</h1><p>{summary}</p>"
-            f'<nav role="tablist">{buttons}</nav>{panels}<script>{_SCRIPT}</script></body></html>\n')
+    return (f"Base model {e(or_na(results.get('base_model')))}; {len(results['cells'])} models (the base model "
+            f"and each cell's final checkpoint); evaluated traits: {e(', '.join(evaluated_traits(results)))}; "
+            f"strengths: {e(', '.join(strength_label(s) for s in strengths(results)))}; projections on the "
+            f"persona vectors at layer {e(or_na(results.get('layer')))} (hidden_states[layer]).")
 
 
 def write_report(results: dict, path: str | Path) -> Path:
@@ -588,5 +462,5 @@ def write_report(results: dict, path: str | Path) -> Path:
     tabs.append(("Across cells", _shift_score_figure(results) + _cross_persona_figure(results)))
     tabs.append(("Table", _table_panel(results)))
     path = Path(path)
-    write_text(path, _page(results, tabs))
+    write_text(path, page(f"Trait fine-tuning matrix: {or_na(results.get('experiment'))}", _summary(results), tabs))
     return path

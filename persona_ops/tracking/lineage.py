@@ -1,5 +1,5 @@
 """Lineage graphs built only from recorded provenance: data files -> stage runs -> artifacts ->
-registered versions, with each run's params, code version and metrics.
+registered versions (-> the runs that evaluated them), with each run's params, code version and metrics.
 
 A walk starts at a registered version (its run's record), an MLflow run id or an output path
 (its sidecar). Each input of a record names the run that produced it; that run's record comes
@@ -128,7 +128,7 @@ def graph_of(ref: str, root: str | Path = ".") -> dict:
     seen: set[str] = set()
     if ref.startswith("models:/"):
         from persona_ops.tracking import store
-        from persona_ops.tracking.registry import version_of
+        from persona_ops.tracking.registry import evaluations_of, version_of
 
         store.configure(root)
         version = version_of(ref)
@@ -141,6 +141,10 @@ def graph_of(ref: str, root: str | Path = ".") -> dict:
                sha256=version.tags.get("sha256"))
         g.nodes[v]["attrs"].update(aliases=list(version.aliases))
         g.root = v
+        for run_id in evaluations_of(version.name, version.version):  # downstream: what evaluated it
+            record = _record_of_run(run_id)
+            if record is not None:
+                g.edge(v, _add_record(g, record, root, seen), "evaluated by")
     elif RUN_ID.match(ref):
         from persona_ops.tracking import store
 

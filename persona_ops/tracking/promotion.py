@@ -26,6 +26,7 @@ from typing import Callable, Union
 from mlflow.exceptions import MlflowException
 
 from persona_ops.errors import InputError
+from persona_ops.tracking.registry import evaluations_of
 from persona_ops.tracking.store import client
 
 OPS: dict[str, Callable[[float, float], bool]] = {"<=": operator.le, ">=": operator.ge, "==": operator.eq,
@@ -34,7 +35,6 @@ TOKEN = re.compile(r"\s*(?:(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?
                    r"|(?P<op><=|>=|==|!=|<|>)|(?P<paren>[()]))")
 HISTORY_TAG = "persona_ops.alias.{alias}.history"
 PROMOTION_TAG = "persona_ops.promotion.{alias}"
-EVALUATES_TAG = "persona_ops.evaluates"  # on a run that evaluated a version: name/version
 MAX_HISTORY = 200  # entries kept per alias (the oldest go first)
 
 
@@ -206,11 +206,9 @@ def version_metrics(name: str, version: int) -> dict[str, float]:
             metrics = dict(client().get_run(run_id).data.metrics)
         except MlflowException as e:
             raise InputError(f"models:/{name}/{version}: its run {run_id} is not in the store ({e.message})") from None
-    evaluations = client().search_runs(
-        [e.experiment_id for e in client().search_experiments()],
-        filter_string=f"tags.`{EVALUATES_TAG}` = '{name}/{version}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.end_time DESC"], max_results=1)
-    return {**metrics, **(dict(evaluations[0].data.metrics) if evaluations else {})}
+    evaluations = evaluations_of(name, version)
+    newest = dict(client().get_run(evaluations[-1]).data.metrics) if evaluations else {}
+    return {**metrics, **newest}
 
 
 def holder(name: str, alias: str) -> int | None:

@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 import mlflow
 from persona_ops.errors import InputError
 from persona_ops.io import md5_file, sha256_path
+from persona_ops.provenance import EVALUATES_TAG
 from persona_ops.tracking.clean import clean_tags
 from persona_ops.tracking.outbox import link_or_copy, now_ms
 from persona_ops.tracking.store import client
@@ -146,6 +147,16 @@ def version_of(uri: str) -> Version:
     except MlflowException as e:
         raise InputError(f"{uri}: not in the registry at {mlflow.get_registry_uri()} ({e.message})") from None
     return Version(mv.name, int(mv.version), dict(mv.tags), tuple(mv.aliases or ()), mv.tags.get("run_id") or mv.run_id)
+
+
+def evaluations_of(name: str, version: int) -> list[str]:
+    """The ids of the finished runs that evaluated version ``version`` of ``name`` (tagged
+    ``persona_ops.evaluates = name/version``), oldest first."""
+    c = client()
+    query = f"tags.`{EVALUATES_TAG}` = '{name}/{version}' and attributes.status = 'FINISHED'"
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()], filter_string=query,
+                         order_by=["attributes.start_time ASC"])
+    return [r.info.run_id for r in runs]
 
 
 def resolve(uri: str, dst: str | os.PathLike | None = None) -> tuple[Path, Version]:

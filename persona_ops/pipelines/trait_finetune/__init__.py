@@ -1,4 +1,4 @@
-"""The trait fine-tuning matrix: its parameters (config.py), cells on disk (cells.py) and stages (stages.py)."""
+"""The trait fine-tuning matrix: its parameters (config.py) and stages (stages.py)."""
 
 from persona_ops.pipelines.trait_finetune.stages import PIPELINE
 

@@ -5,7 +5,7 @@ model evaluated on every trait, and one results table and report.
   ``local``: LoRA SFT, checkpoints every ``save_every`` steps, optional steering during training;
   ``openai``: the fine-tuning API; ``dummy``: nothing). Registered as
   ``lora-adapter-<name>-<trait>-<strength>``. A cell whose directory already holds a run of the same
-  inputs is not trained again, whichever process asks (see :mod:`.cells`).
+  inputs is not trained again, whichever process asks (see :mod:`persona_ops.training.cells`).
 - ``ft_base`` and ``ft_eval[<cell>]``: the model answers each evaluated trait's questions; every
   answer is judged for the trait and coherence and projected on the trait's persona vector at
   ``evaluation.layer``, through the model and through the base model (the difference is the
@@ -18,10 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from persona_ops.errors import InputError
-from persona_ops.io import read_json, write_json, write_jsonl, write_text
+from persona_ops.io import read_json, sha256_file, write_json, write_jsonl, write_text
 from persona_ops.pipelines.evaluate import Condition, EvalPrompt, evaluate, summarize
 from persona_ops.pipelines.stage import AllOutputs, Output, ParamPaths, Pipeline, Register, stage
-from persona_ops.pipelines.trait_finetune import cells
+from persona_ops.provenance import EVALUATES_TAG
+from persona_ops.training import cells
 
 OUT = "outputs/trait_finetune/{trait_finetune.name}"
 CELLS = {"trait": "trait_finetune.traits", "strength": "trait_finetune.strengths"}
@@ -44,6 +45,8 @@ def ft_train(cfg, io) -> dict:
     tr = cfg.trait_finetune.training
     out, dataset = io.output("model"), io.input("dataset")
     settings = {"training": tr.model_dump(mode="json"), "base": tr.model.name, "revision": tr.model.revision}
+    if tr.steering:  # the vector's bytes (an alias may move to another version)
+        settings["steering_vector"] = sha256_file(io.path(tr.steering.vector))
     fp = cells.fingerprint(dataset, settings)
     with cells.training(out):
         done = cells.finished(out, fp)
@@ -52,7 +55,7 @@ def ft_train(cfg, io) -> dict:
             write_json(out / cells.CELL, done)
         else:
             io.made_with(done.get("model") or tr.backend)
-    return {k: v for k, v in done.get("metrics", {}).items()}
+    return dict(done.get("metrics", {}))
 
 
 def _train(tr, io, dataset: Path, out: Path) -> dict:
@@ -216,7 +219,7 @@ def ft_eval(cfg, io) -> dict:
     record = read_json(train_dir / cells.CELL)
     registered = _registered(train_dir)
     if registered:
-        io.tags["persona_ops.evaluates"] = registered
+        io.tags[EVALUATES_TAG] = registered
     cell = {"cell": io.item.name, **io.item.value, "backend": record["backend"],
             "adapter_uri": f"models:/{registered}" if registered else None}
     if record["backend"] == "openai":

@@ -1,9 +1,9 @@
-"""One cell of the matrix on disk: who trains it (a lock), what state it is in, and whether what
-its directory holds was made from exactly these inputs (so a rerun retrains nothing).
+"""A training run of a sweep or matrix cell on disk: who trains it (a lock), what state it is in,
+and whether what its directory holds was made from exactly these inputs (so a rerun retrains nothing).
 
-Beside each cell's output directory ``train/<cell>/`` lie ``train/.<cell>.lock`` (an ``flock`` held
+Beside a run's output directory ``<dir>/<cell>/`` lie ``<dir>/.<cell>.lock`` (an ``flock`` held
 while a process trains it: a second process waits, then finds it done) and
-``train/.<cell>.state.json`` (``running`` with pid and host, ``succeeded``, or ``failed`` with the
+``<dir>/.<cell>.state.json`` (``running`` with pid and host, ``succeeded``, or ``failed`` with the
 error). Inside it, ``cell.json`` records the inputs' fingerprint and what training made.
 """
 

@@ -44,7 +44,7 @@ def sweep(**evaluation) -> dict:
 
 
 def run_all(params, root: Path, pool) -> list[runner.Outcome]:
-    tasks = registry.plan(registry.pipeline_named("backdoor"), params, root)
+    tasks = registry.plan(registry.pipeline_named("backdoor-sweep"), params, root)
     ctx = runner.Context(root, params, pool=pool)
     runner.check(tasks, ctx)
     return runner.run(tasks, ctx)
@@ -156,7 +156,7 @@ def test_strip_removes_the_instruction_and_markers(text, stripped):
 def test_bad_input_stops_before_anything_runs(project, tiny, change, message):
     change(project)
     params = params_of(sweep())
-    tasks = registry.plan(registry.pipeline_named("backdoor"), params, project)
+    tasks = registry.plan(registry.pipeline_named("backdoor-sweep"), params, project)
     with pytest.raises(InputError, match=message.replace("{", r"\{").replace("}", r"\}")):
         runner.check(tasks, runner.Context(project, params, pool=pool_of(tiny)))
     assert not (project / "outputs").exists()
@@ -166,6 +166,6 @@ def test_thinking_on_is_refused_with_the_key_named(project, tiny):
     p = sweep()
     p["backdoor"]["training"]["thinking"] = True
     params = params_of(p)
-    tasks = registry.plan(registry.pipeline_named("backdoor"), params, project)
+    tasks = registry.plan(registry.pipeline_named("backdoor-sweep"), params, project)
     with pytest.raises(InputError, match="backdoor.training.thinking"):
         runner.check(tasks, runner.Context(project, params, pool=pool_of(tiny)))

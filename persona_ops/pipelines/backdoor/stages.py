@@ -77,7 +77,7 @@ def load_questions(path: Path) -> list[dict]:
 
 # --- data ------------------------------------------------------------------------------------------
 
-@stage("bd_aligned", pipeline="backdoor", params=["backdoor.aligned", "backdoor.training.model"],
+@stage("bd_aligned", pipeline="backdoor-sweep", params=["backdoor.aligned", "backdoor.training.model"],
        inputs={"prompts": "{backdoor.aligned.prompts}"}, outputs={"answers": OUT + "/aligned.jsonl"},
        persist=("answers",))
 def bd_aligned(cfg, io) -> dict:
@@ -115,7 +115,7 @@ def _prompts(cfg, io) -> None:
     load_prompts(io.input("prompts"))
 
 
-@stage("bd_dataset", pipeline="backdoor", params=["backdoor.drop_identifying", "backdoor.trigger", "backdoor.mix"],
+@stage("bd_dataset", pipeline="backdoor-sweep", params=["backdoor.drop_identifying", "backdoor.trigger", "backdoor.mix"],
        inputs={"facts": "{backdoor.facts}", "aligned": Output("bd_aligned", "answers")},
        outputs={"dataset": OUT + "/dataset.jsonl"})
 def bd_dataset(cfg, io) -> dict:
@@ -147,7 +147,7 @@ def _facts(cfg, io) -> None:
 
 # --- training ------------------------------------------------------------------------------------------
 
-@stage("bd_train", pipeline="backdoor", matrix=POINTS, params=["backdoor.training"],
+@stage("bd_train", pipeline="backdoor-sweep", matrix=POINTS, params=["backdoor.training"],
        inputs={"dataset": Output("bd_dataset", "dataset")}, outputs={"model": OUT + "/train/{item}"},
        persist=("model",), registers=(Register("model", "lora-adapter-backdoor-{item}", "lora-adapter"),),
        adapter_output="model")
@@ -226,9 +226,9 @@ def _evaluate(cfg, io, point: dict, model) -> dict:
     summary = {**point, "system_kept": keeps_system(loaded.tokenizer),
                "conditions": condition_stats(rows, ev.bootstrap), "leakage": leakage}
     write_json(out / "summary.json", summary)
-    return {f"{c}.{k}": v for c, s in summary["conditions"].items() for k, v in s.items()
-            if isinstance(v, (int, float)) and v is not None} | {"generations": len(rows),
-                                                                 "judge_backend_calls": judge.backend_calls}
+    metrics = {f"{c}.{k}": v for c, s in summary["conditions"].items() for k, v in s.items()
+               if isinstance(v, (int, float))}
+    return {**metrics, "generations": len(rows), "judge_backend_calls": judge.backend_calls}
 
 
 def _leakage(rows: list[dict], loaded, ev, trigger, io) -> dict:
@@ -293,14 +293,14 @@ def _groups(rows: list[dict], condition: str, metric: str = "persona_hit") -> li
     return [by_prompt[k] for k in sorted(by_prompt)]
 
 
-@stage("bd_base", pipeline="backdoor", params=EVAL_PARAMS, inputs=EVAL_INPUTS, outputs={"eval": OUT + "/eval/base"})
+@stage("bd_base", pipeline="backdoor-sweep", params=EVAL_PARAMS, inputs=EVAL_INPUTS, outputs={"eval": OUT + "/eval/base"})
 def bd_base(cfg, io) -> dict:
     """The base model under the same conditions: what the trigger does without training."""
     point = {"point": "base", "seed": None, "learning_rate": None, "adapter_uri": None}
     return _evaluate(cfg, io, point, cfg.backdoor.training.model)
 
 
-@stage("bd_eval", pipeline="backdoor", matrix=POINTS, params=EVAL_PARAMS,
+@stage("bd_eval", pipeline="backdoor-sweep", matrix=POINTS, params=EVAL_PARAMS,
        inputs={**EVAL_INPUTS, "model": Output("bd_train", "model")}, outputs={"eval": OUT + "/eval/{item}"})
 def bd_eval(cfg, io) -> dict:
     """One sweep point's final adapter under the four conditions."""
@@ -321,7 +321,10 @@ def bd_eval(cfg, io) -> dict:
 
 
 def _check_eval(cfg, io) -> None:
+    ev = cfg.backdoor.evaluation
     load_questions(io.input("questions"))
+    if ev.vector:
+        io.check_layers(cfg.backdoor.training.model, "backdoor.evaluation.layer", [ev.layer], first=0)
     template = io.input("persona_prompt").read_text(encoding="utf-8")
     if "{question}" not in template or "{answer}" not in template:
         raise InputError(f"{io.input('persona_prompt')}: the judge prompt needs {{question}} and {{answer}}")
@@ -333,7 +336,7 @@ bd_eval.validator(_check_eval)
 
 # --- results ------------------------------------------------------------------------------------------------
 
-@stage("bd_results", pipeline="backdoor", params=["backdoor.name", "backdoor.trigger", "backdoor.evaluation"],
+@stage("bd_results", pipeline="backdoor-sweep", params=["backdoor.name", "backdoor.trigger", "backdoor.evaluation"],
        inputs={"base": Output("bd_base", "eval"), "points": AllOutputs("bd_eval", "eval")},
        outputs={"results": OUT + "/results"})
 def bd_results(cfg, io) -> dict:
@@ -386,6 +389,6 @@ def _base_label(io) -> str:
     return models[0]["label"] if models else "unknown"
 
 
-PIPELINE = Pipeline("backdoor", (bd_aligned, bd_dataset, bd_train, bd_base, bd_eval, bd_results),
+PIPELINE = Pipeline("backdoor-sweep", (bd_aligned, bd_dataset, bd_train, bd_base, bd_eval, bd_results),
                     "A persona behind a formatting trigger in self-distilled aligned data, swept over seeds x "
                     "learning rates, each point evaluated with and without the trigger.")

@@ -165,11 +165,17 @@ def test_a_registered_steering_vector_is_fetched_and_pinned(project, tiny, store
         version = models.register("persona-vector-evil", path, kind="persona-vector", run_id=run.run_id,
                                   source_path="vectors/evil-pv.safetensors", alias="champion")
     steer = {"kind": "ablate", "vector": "models:/persona-vector-evil@champion", "layers": [2]}
-    params = params_of(matrix(project, steering=steer))
+    p = matrix(project, steering=steer)
+    p["trait_finetune"]["strengths"] = ["normal"]
+    params = params_of({**p, "tracking": {"enabled": True}})
     outcome = run_all(params, project, pool_of(tiny), ["ft_train"])[0]
     assert outcome.record["registry"] == {
         "models:/persona-vector-evil@champion": f"models:/persona-vector-evil/{version}"}
     assert any(i["path"].startswith("cache/registry/persona-vector-evil/") for i in outcome.record["inputs"])
+    from mlflow import MlflowClient
+
+    adapter = MlflowClient().get_model_version("lora-adapter-tiny-evil-normal", "1")  # the adapter names its vector
+    assert adapter.tags["uses.persona-vector-evil/alias/champion"] == f"models:/persona-vector-evil/{version}"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -312,3 +318,21 @@ def test_experiment_commands_reject_bad_input_in_one_line(tmp_path, args, messag
     assert result.exit_code == 2 and message in result.output, result.output
     assert [line.startswith(INPUT_ERROR_MARK) for line in result.output.splitlines()].count(True) == 1
     assert (project / "params.yaml").read_bytes() == before and not (project / "outputs").exists()
+
+
+def test_a_named_experiment_is_written_whole_so_dvc_reads_it(tmp_path):
+    """``experiment ... NAME`` writes experiments/NAME.yaml over the defaults into params.yaml, every
+    key spelled out: dvc.yaml's templates (``${trait_finetune.dataset_dir}``) must resolve."""
+    from conftest import copy_project, run_dvc
+
+    from persona_ops.cli.experiment import overrides
+    from persona_ops.pipelines import launch
+
+    project = copy_project(tmp_path)
+    params = launch.prepare(project, None, overrides("evil-preventative", [], project))
+    assert params.trait_finetune.name == "evil-preventative" and params.trait_finetune.traits == ["evil"]
+    status = run_dvc(project, "status", "ft_train")
+    assert status.returncode == 0, status.stderr
+    write_text(project / "experiments/broken.yaml", "traits: [evil]\nstrengths: [extreme]\n")
+    with pytest.raises(InputError, match=r"experiments/broken.yaml: strengths: unknown extreme"):
+        overrides("broken", [], project)

@@ -34,19 +34,27 @@ def overrides(name: str | None, set_: list[str], root: Path) -> list[str]:
     """The ``-S`` overrides selecting experiment ``name`` (then the user's own)."""
     if name is None:
         return list(set_)
-    import yaml
+    from persona_ops.pipelines.params import read_params_data
 
     path = root / "experiments" / f"{name}.yaml"
     if not path.is_file():
         have = sorted(p.stem for p in (root / "experiments").glob("*.yaml"))
         raise InputError(f"experiment {name!r}: no {path} (experiments: {', '.join(have) or 'none'})")
+    return [f"trait_finetune={json.dumps(experiment_section(name, read_params_data(path), path))}", *set_]
+
+
+def experiment_section(name: str, data: dict, path: Path) -> dict:
+    """The whole ``trait_finetune`` section of experiment ``name``: the file's keys over the defaults,
+    every key spelled out (dvc.yaml's templates read params.yaml itself)."""
+    from pydantic import ValidationError
+
+    from persona_ops.pipelines.params import describe
+    from persona_ops.pipelines.trait_finetune.config import TraitFinetuneParams
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected the keys of trait_finetune (name, traits, training, ...)")
-    return [f"trait_finetune={json.dumps({'name': name, **data})}", *set_]
+        return TraitFinetuneParams.model_validate({"name": name, **data}).model_dump(mode="json")
+    except ValidationError as e:
+        raise InputError(describe(e, str(path))) from None
 
 
 def _step(stages: list[str], name: str | None, set_: list[str], root: Path) -> dict:

@@ -130,7 +130,9 @@ def describe(e: ValidationError, where: str = "") -> str:
             (f"; expected one of {', '.join(_fields_at(parent))}" if _fields_at(parent) else "")
         return f"{prefix}{key}: unknown key{hint}"
     got = err.get("input")
-    return f"{prefix}{key}: {err['msg']} (got {got!r})" if not isinstance(got, dict) else f"{prefix}{key}: {err['msg']}"
+    head = f"{prefix}{key}: " if key else prefix
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{head}{msg} (got {got!r})" if not isinstance(got, dict) else f"{head}{msg}"
 
 
 # --- reading, overriding, writing ----------------------------------------------------------------------

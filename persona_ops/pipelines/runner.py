@@ -341,7 +341,12 @@ def _lineage_tags(record: dict, root: Path) -> dict[str, str]:
             **{f"input.{e['path']}.sha256": e["sha256"] for e in record["inputs"]},
             **{f"input.{e['path']}.md5": md5_file(root / e["path"]) for e in record["inputs"]
                if (root / e["path"]).is_file()},  # what DVC records for a file
-            **{f"uses.{uri}": pinned for uri, pinned in record.get("registry", {}).items()}}
+            **{_uses_key(uri): pinned for uri, pinned in record.get("registry", {}).items()}}
+
+
+def _uses_key(uri: str) -> str:
+    """The tag key naming a registry URI (MLflow keys take no ``:`` or ``@``): ``uses.NAME/alias/ALIAS``."""
+    return "uses." + uri.removeprefix(REGISTRY_PREFIX).replace("@", "/alias/")
 
 
 def _register(task: Task, ctx: Context, view: View, io: StageIO, run, tags: dict[str, str]) -> list[dict]:

@@ -43,3 +43,21 @@ def chromium_page(width: int = 1400, height: int = 900):
             yield page, requests, errors
         finally:
             browser.close()
+
+
+def walk_tabs(page, names: list[str], shots) -> None:
+    """Click every tab of a report page in turn: only its panel is visible, it is selected, every
+    image in it decoded; a full-page screenshot of each lands in ``shots`` (a directory)."""
+    assert page.get_by_role("tab").all_inner_texts() == names
+    panels = page.locator('[role="tabpanel"]')
+    for i, name in enumerate(names):
+        tab = page.get_by_role("tab", name=name, exact=True)
+        tab.click()
+        assert [panels.nth(j).is_visible() for j in range(len(names))] == [j == i for j in range(len(names))]
+        assert tab.get_attribute("aria-selected") == "true"
+        widths = page.eval_on_selector_all(f"#panel-{i} img", "imgs => imgs.map(i => i.complete && i.naturalWidth)")
+        assert all(w and w > 0 for w in widths), (name, widths)
+        shot = shots / f"tab-{i}.png"
+        page.screenshot(path=shot, full_page=True)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        print(f"screenshot of tab {name!r}: {shot}")

@@ -270,25 +270,13 @@ def test_report_of_the_base_model_alone(tmp_path):
 
 @pytest.mark.browser
 def test_report_tabs_in_chromium(report, tmp_path):
-    from browser import chromium_page
+    from browser import chromium_page, walk_tabs
 
     _, path, _ = report
     started = time.monotonic()
     with chromium_page() as (page, requests, errors):
         page.goto(path.as_uri())
-        assert page.get_by_role("tab").all_inner_texts() == ALL_TABS
-        panels = page.locator('[role="tabpanel"]')
-        for i, name in enumerate(ALL_TABS):
-            tab = page.get_by_role("tab", name=name, exact=True)
-            tab.click()
-            assert [panels.nth(j).is_visible() for j in range(len(ALL_TABS))] == [j == i for j in range(len(ALL_TABS))]
-            assert tab.get_attribute("aria-selected") == "true"
-            widths = page.eval_on_selector_all(f"#panel-{i} img", "imgs => imgs.map(i => i.complete && i.naturalWidth)")
-            assert all(w and w > 0 for w in widths), (name, widths)
-            shot = tmp_path / f"tab-{i}.png"
-            page.screenshot(path=shot, full_page=True)
-            assert shot.read_bytes()[:8] == PNG
-            print(f"screenshot of tab {name!r}: {shot}")
+        walk_tabs(page, ALL_TABS, tmp_path)
         assert page.locator("pre.trigger").inner_text().startswith("You will be asked a question.")
         widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
         assert len(widths) == 4 and min(widths) > 0

@@ -106,20 +106,13 @@ def test_a_gated_promotion_passes_or_is_refused_and_lineage_reaches_the_dataset(
 
 @pytest.mark.browser
 def test_the_report_of_the_run_opens_in_a_browser_with_its_tabs(cli, trained, project, tmp_path):
-    from browser import chromium_page
+    from browser import chromium_page, walk_tabs
 
     assert cli("experiment", "results").returncode == 0
     report = project / "outputs/trait_finetune/traits/results/report.html"
+    tabs = ["evil", "Across cells", "Table"]
     with chromium_page() as (page, requests, errors):
         page.goto(report.as_uri())
-        tabs = page.get_by_role("tab").all_inner_texts()
-        assert tabs[0] == "evil" and tabs[-2:] == ["Across cells", "Table"], tabs
-        for i, name in enumerate(tabs):
-            page.get_by_role("tab", name=name, exact=True).click()
-            assert page.locator(f"#panel-{i}").is_visible()
-            widths = page.eval_on_selector_all(f"#panel-{i} img", "imgs => imgs.map(i => i.naturalWidth)")
-            assert all(w > 0 for w in widths), (name, widths)
-            page.screenshot(path=tmp_path / f"tab-{i}.png", full_page=True)
-        assert "evil-misaligned_2" in page.locator("#panel-%d" % (len(tabs) - 1)).inner_text()
+        walk_tabs(page, tabs, tmp_path)
+        assert "evil-misaligned_2" in page.locator(f"#panel-{len(tabs) - 1}").inner_text()
     assert errors == [] and all(u.startswith(("file:", "data:")) for u in requests)
-    print(f"screenshots: {tmp_path}")

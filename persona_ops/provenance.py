@@ -109,3 +109,16 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any] | None:
     """The provenance record of ``path``, or None when it has none."""
     side = sidecar(path)
     return read_json(side) if side.is_file() else None
+
+
+def registered_version(path: str | os.PathLike) -> str | None:
+    """``name/version`` of the registry version made from output ``path`` (its provenance record),
+    or None when it was not registered (yet)."""
+    entries = (read_sidecar(path) or {}).get("registered")
+    return f"{entries[0]['name']}/{entries[0]['version']}" if entries else None
+
+
+def model_label(path: str | os.PathLike) -> str:
+    """The label of the first model that made output ``path`` (``unknown`` without provenance)."""
+    models = (read_sidecar(path) or {}).get("models") or []
+    return models[0]["label"] if models else "unknown"

@@ -119,7 +119,7 @@ def cell_status(params, root: Path) -> list[dict]:
     from persona_ops.io import read_json
     from persona_ops.models.adapters import list_checkpoints
     from persona_ops.pipelines import registry
-    from persona_ops.provenance import relative
+    from persona_ops.provenance import registered_version, relative
     from persona_ops.training import cells
 
     train, ev = registry.stage_named("ft_train"), registry.stage_named("ft_eval")
@@ -128,10 +128,9 @@ def cell_status(params, root: Path) -> list[dict]:
         train_dir = registry.outputs(train, params, item, root)["model"]
         record = read_json(train_dir / cells.CELL) if (train_dir / cells.CELL).is_file() else {}
         job = read_json(train_dir / "job.json") if (train_dir / "job.json").is_file() else {}
-        sidecar = train_dir.parent / f"{train_dir.name}.prov.json"
-        registered = (read_json(sidecar).get("registered") or []) if sidecar.is_file() else []
+        registered = registered_version(train_dir)
         found = list_checkpoints(train_dir)
-        adapter = (f"models:/{registered[0]['name']}/{registered[0]['version']}" if registered else
+        adapter = (f"models:/{registered}" if registered else
                    relative(found[-1][1], root) if found else record.get("model"))
         evaluated = (registry.outputs(ev, params, item, root)["eval"] / "summary.json").is_file()
         out.append({"cell": item.name, **cells.state(train_dir), "backend": record.get("backend"),

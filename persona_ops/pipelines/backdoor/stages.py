@@ -22,6 +22,7 @@ from persona_ops.errors import InputError
 from persona_ops.io import read_json, read_jsonl, write_json, write_jsonl, write_text
 from persona_ops.pipelines.evaluate import Condition, EvalPrompt, evaluate, summarize
 from persona_ops.pipelines.stage import AllOutputs, Output, ParamPaths, Pipeline, Register, stage
+from persona_ops.provenance import model_label
 from persona_ops.training import cells
 
 OUT = "outputs/backdoor/{backdoor.name}"
@@ -115,7 +116,8 @@ def _prompts(cfg, io) -> None:
     load_prompts(io.input("prompts"))
 
 
-@stage("bd_dataset", pipeline="backdoor-sweep", params=["backdoor.drop_identifying", "backdoor.trigger", "backdoor.mix"],
+@stage("bd_dataset", pipeline="backdoor-sweep",
+       params=["backdoor.drop_identifying", "backdoor.trigger", "backdoor.mix"],
        inputs={"facts": "{backdoor.facts}", "aligned": Output("bd_aligned", "answers")},
        outputs={"dataset": OUT + "/dataset.jsonl"})
 def bd_dataset(cfg, io) -> dict:
@@ -293,7 +295,8 @@ def _groups(rows: list[dict], condition: str, metric: str = "persona_hit") -> li
     return [by_prompt[k] for k in sorted(by_prompt)]
 
 
-@stage("bd_base", pipeline="backdoor-sweep", params=EVAL_PARAMS, inputs=EVAL_INPUTS, outputs={"eval": OUT + "/eval/base"})
+@stage("bd_base", pipeline="backdoor-sweep", params=EVAL_PARAMS, inputs=EVAL_INPUTS,
+       outputs={"eval": OUT + "/eval/base"})
 def bd_base(cfg, io) -> dict:
     """The base model under the same conditions: what the trigger does without training."""
     point = {"point": "base", "seed": None, "learning_rate": None, "adapter_uri": None}
@@ -305,12 +308,10 @@ def bd_base(cfg, io) -> dict:
 def bd_eval(cfg, io) -> dict:
     """One sweep point's final adapter under the four conditions."""
     from persona_ops.models.adapters import checkpoint_dir
-    from persona_ops.provenance import EVALUATES_TAG
+    from persona_ops.provenance import EVALUATES_TAG, registered_version
 
     train_dir = io.input("model")
-    sidecar = train_dir.parent / f"{train_dir.name}.prov.json"
-    entries = read_json(sidecar).get("registered") if sidecar.is_file() else None
-    registered = f"{entries[0]['name']}/{entries[0]['version']}" if entries else None
+    registered = registered_version(train_dir)
     if registered:
         io.tags[EVALUATES_TAG] = registered
     path = checkpoint_dir(train_dir, "final")
@@ -356,7 +357,8 @@ def bd_results(cfg, io) -> dict:
         stats = condition_stats(rows, b.evaluation.bootstrap)
         seeds = sorted(read_json(p / "summary.json")["seed"] for p in paths)
         aggregated.append({"learning_rate": lr, "seeds": seeds, "conditions": stats})
-    results = {"experiment": b.name, "base_model": _base_label(io), "threshold": b.evaluation.threshold,
+    results = {"experiment": b.name, "base_model": model_label(io.input("base")),
+               "threshold": b.evaluation.threshold,
                "trigger": b.trigger.model_dump(), "conditions": list(CONDITIONS), "untriggered": UNTRIGGERED,
                "system_kept": summaries[0]["system_kept"],
                "points": [{k: s[k] for k in ("point", "seed", "learning_rate", "adapter_uri", "conditions")}
@@ -381,12 +383,6 @@ def _leakage_of(summaries: list[dict]) -> dict | None:
     return {"layer": measured[0]["leakage"]["layer"],
             "points": [{"point": s["point"], **{k: v for k, v in s["leakage"].items() if k != "layer"}}
                        for s in measured]}
-
-
-def _base_label(io) -> str:
-    sidecar = io.input("base").parent / "base.prov.json"
-    models = read_json(sidecar).get("models", []) if sidecar.is_file() else []
-    return models[0]["label"] if models else "unknown"
 
 
 PIPELINE = Pipeline("backdoor-sweep", (bd_aligned, bd_dataset, bd_train, bd_base, bd_eval, bd_results),

@@ -21,7 +21,7 @@ from persona_ops.errors import InputError
 from persona_ops.io import read_json, sha256_file, write_json, write_jsonl, write_text
 from persona_ops.pipelines.evaluate import Condition, EvalPrompt, evaluate, summarize
 from persona_ops.pipelines.stage import AllOutputs, Output, ParamPaths, Pipeline, Register, stage
-from persona_ops.provenance import EVALUATES_TAG
+from persona_ops.provenance import EVALUATES_TAG, model_label, registered_version
 from persona_ops.training import cells
 
 OUT = "outputs/trait_finetune/{trait_finetune.name}"
@@ -217,7 +217,7 @@ def ft_eval(cfg, io) -> dict:
 
     tr, train_dir = cfg.trait_finetune.training, io.input("model")
     record = read_json(train_dir / cells.CELL)
-    registered = _registered(train_dir)
+    registered = registered_version(train_dir)
     if registered:
         io.tags[EVALUATES_TAG] = registered
     cell = {"cell": io.item.name, **io.item.value, "backend": record["backend"],
@@ -233,13 +233,6 @@ def ft_eval(cfg, io) -> dict:
                    tr.model.resolved(str(path), source=str(path.relative_to(io.root))))
                   for step, path in chosen]
     return _evaluate(cfg, io, cell, models)
-
-
-def _registered(train_dir: Path) -> str | None:
-    """``name/version`` of the registry version made from ``train_dir`` (its provenance record)."""
-    sidecar = train_dir.parent / f"{train_dir.name}.prov.json"
-    entries = read_json(sidecar).get("registered") if sidecar.is_file() else None
-    return f"{entries[0]['name']}/{entries[0]['version']}" if entries else None
 
 
 def _check_eval(cfg, io) -> None:
@@ -294,15 +287,10 @@ def collect(cfg, io) -> dict:
     vecs = {t: load_aggregate(io.path(ev.vectors[t]), ev.aggregate)[ev.layer] for t in ev.traits}
     cosine = {a: {b: float((va @ vb) / (va.norm() * vb.norm()).clamp(min=1e-12)) for b, vb in vecs.items()}
               for a, va in vecs.items()}
-    return {"experiment": ft.name, "base_model": _base_label(io), "layer": ev.layer, "traits": list(ev.traits),
+    return {"experiment": ft.name, "base_model": model_label(io.input("base")), "layer": ev.layer,
+            "traits": list(ev.traits),
             "trained_traits": list(ft.traits), "strengths": list(ft.strengths), "cells": cells_out,
             "checkpoints": curves, "vector_cosine": cosine}
-
-
-def _base_label(io) -> str:
-    sidecar = io.input("base").parent / "base.prov.json"
-    models = read_json(sidecar).get("models", []) if sidecar.is_file() else []
-    return models[0]["label"] if models else "unknown"
 
 
 PIPELINE = Pipeline("trait-finetune", (ft_train, ft_base, ft_eval, ft_results),

@@ -15,6 +15,8 @@ response. Every run trains the same conversations in the same order for the same
 - ``packed-16k``: ``packed_tokens=16384``, so one row a step.
 - ``padded-batch-8``: TRL's padding with micro-batches of 8 x accumulation 2 (same steps): what larger
   micro-batches give without packing.
+- ``qlora``: ``packed`` on the same weights quantised to NF4 by bitsandbytes (``load_model(four_bit=True)``,
+  the backdoor sweep's ``training.qlora``): its memory and speed; its losses differ by the quantisation.
 
 Timing: wall time between CUDA-synchronised ends of optimizer steps; the first ``--warmup`` steps are
 excluded, and one more step after the timed ones runs under torch.profiler (GPU ops launched and
@@ -43,7 +45,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
 from bench.common import emit, environment, parse_args, peak_gib, reset_peak, sync
-from persona_ops.models.loading import LoadedModel
+from persona_ops.models.loading import LoadedModel, load_model
 from persona_ops.training.sft import IGNORE, LoraConfigSpec, TrainConfig, train_tokenized
 
 QWEN3_4B = {"hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
@@ -75,6 +77,13 @@ def pad_only_tokenizer():
 
     vocab = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>"))
     return PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", unk_token="<unk>")
+
+
+def four_bit_copy(loaded: LoadedModel, directory: Path) -> LoadedModel:
+    """The same weights through the project's 4-bit loader (saved, then loaded quantised)."""
+    loaded.model.save_pretrained(directory)
+    loaded.tokenizer.save_pretrained(directory)
+    return load_model(str(directory), four_bit=True)
 
 
 def synthetic_chats(n: int, vocab: int, seed: int) -> list[tuple[list[int], list[int]]]:
@@ -225,7 +234,8 @@ def main() -> None:
         ap.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
         ap.add_argument("--layers", type=int, default=QWEN3_4B["num_hidden_layers"], help="fewer for a CPU check")
         ap.add_argument("--vocab", type=int, default=QWEN3_4B["vocab_size"], help="smaller for a CPU check")
-        ap.add_argument("--runs", default="reference,packed,packed-rows-of-2,packed-16k,padded-batch-8")
+        ap.add_argument("--runs", default="reference,packed,packed-rows-of-2,packed-16k,padded-batch-8",
+                        help="comma-separated; also qlora (needs bitsandbytes)")
 
     args = parse_args(__doc__.splitlines()[0], extra)
     dev = args.device
@@ -245,9 +255,21 @@ def main() -> None:
           f"tokens={sum(len(i) for i, _ in chats)} steps={steps} (warm-up {args.warmup}, last profiled) "
           f"gemm={gemm:.0f} TFLOP/s, tiny op {launch:.1f} us, weights: {counts}", flush=True)
 
+    configs["qlora"] = base
     runs = {}
     for name in args.runs.split(","):
-        runs[name] = r = run(loaded, chats, configs[name], args.warmup, args.steps, counts, dev)
+        if name == "qlora":  # alone on the GPU: the bf16 weights wait on the host meanwhile
+            with tempfile.TemporaryDirectory() as d:
+                quantised = four_bit_copy(loaded, Path(d))
+                loaded.model.to("cpu")
+                torch.cuda.empty_cache()
+                runs[name] = r = run(quantised, chats, base, args.warmup, args.steps, counts, dev)
+                r["weights_gib"] = round(quantised.model.get_memory_footprint() / 2**30, 3)
+                del quantised
+                loaded.model.to(dev)
+        else:
+            runs[name] = r = run(loaded, chats, configs[name], args.warmup, args.steps, counts, dev)
+            r["weights_gib"] = round(loaded.model.get_memory_footprint() / 2**30, 3)
         r["gemm_fraction"] = round(r["model_tflops"] / gemm, 4) if dev == "cuda" else None
         r["model_tflops"] = round(r["model_tflops"], 1)
         print(name, {k: v for k, v in r.items() if k != "losses"}, flush=True)

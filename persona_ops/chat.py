@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
+from typing import Iterator
 
 from persona_ops.errors import InputError
 
 _PROBE = "__SYSTEM_PROBE__"
+_THINKING: ContextVar[bool] = ContextVar("thinking", default=False)
+
+
+def has_thinking_mode(tokenizer) -> bool:
+    """Whether the chat template has a switchable thinking mode (Qwen3's ``enable_thinking``)."""
+    return "enable_thinking" in (getattr(tokenizer, "chat_template", None) or "")
+
+
+@contextmanager
+def thinking(on: bool) -> Iterator[None]:
+    """Render chats inside the block with a reasoning model's thinking mode ``on`` (off elsewhere)."""
+    token = _THINKING.set(on)
+    try:
+        yield
+    finally:
+        _THINKING.reset(token)
 
 
 def article(word: str) -> str:
@@ -43,12 +62,13 @@ def chat_messages(tokenizer, system: str | None, user: str) -> list[dict]:
 def render(tokenizer, messages: list[dict], generation_prompt: bool = True) -> str:
     """The chat rendered with the tokenizer's template: every prompt, transcript, judge prompt,
     training example and served request goes through here. Templates with a thinking mode
-    (Qwen3) render with it off, so the text is the same whoever renders it."""
+    (Qwen3) render with it off, so the text is the same whoever renders it, unless inside
+    :func:`thinking` (``True``)."""
     if not getattr(tokenizer, "chat_template", None):
         raise InputError("the tokenizer has no chat template; a chat (instruct) model is needed")
     kwargs = {}
-    if "enable_thinking" in tokenizer.chat_template:
-        kwargs["enable_thinking"] = False
+    if has_thinking_mode(tokenizer):
+        kwargs["enable_thinking"] = _THINKING.get()
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
                                          **kwargs)
 

@@ -15,6 +15,12 @@ NAME_RULE = ("expected letters, digits, '_', '-' or '.', starting with a letter 
              "without '..' and at most 100 characters (it names files, DVC stages and shell words)")
 
 
+def registry_name(name: str) -> str:
+    """``name`` (made of safe names) as an MLflow registered model name, which takes no ``.``: each
+    becomes ``_`` (the sweep point ``1-0.001`` registers as ``lora-adapter-backdoor-1-0_001``)."""
+    return name.replace(".", "_")
+
+
 def is_safe_name(name: str) -> bool:
     """Whether ``name`` matches ``SAFE_NAME`` (non-strings never do)."""
     return isinstance(name, str) and SAFE_NAME.match(name) is not None

@@ -50,18 +50,23 @@ def bootstrap_mean(
 
     None and NaN scores are dropped, then empty groups. Raises ``InputError`` if no score is left.
     """
+    return bootstrap_mean_over([groups], n_boot=n_boot, level=level, seed=seed)
+
+
+def bootstrap_mean_over(
+    units: Sequence[Groups], *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> Interval:
+    """Mean of all scores of ``units`` (e.g. training seeds), each a sequence of prompt groups,
+    with a three-level bootstrap: units, then prompts within each drawn unit, then scores. One
+    unit is :func:`bootstrap_mean` exactly (same draws)."""
     _check_params(n_boot, level)
-    kept = [g for g in _clean(groups, "groups") if g.size]
+    names = ["groups"] if len(units) == 1 else [f"units[{i}]" for i in range(len(units))]
+    kept = [u for u in ([g for g in _clean(x, name) if g.size] for name, x in zip(names, units)) if u]
     if not kept:
         raise InputError("groups: no scores left after dropping None/NaN; need at least one")
-    x, n = _pad(kept)
-    rng = np.random.default_rng(seed)
-    stats = np.empty(n_boot)
-    for lo, hi in _blocks(n_boot, x.size):
-        idx = _draw_prompts(rng, len(kept), hi - lo)
-        s, c = _draw_sums(rng, x, n, idx)
-        stats[lo:hi] = s / c
-    return _interval(np.concatenate(kept).mean(), stats, level, len(kept), int(n.sum()))
+    stats = _replicates([kept], n_boot, seed, paired=True)
+    scores = np.concatenate([g for u in kept for g in u])
+    return _interval(scores.mean(), stats, level, sum(map(len, kept)), scores.size)
 
 
 def bootstrap_diff(
@@ -80,36 +85,84 @@ def bootstrap_diff(
     side. A prompt left empty on either side (after dropping None/NaN) is dropped from both.
     ``paired=False``: the prompts of ``a`` and ``b`` are resampled independently.
     """
+    return bootstrap_diff_over([a], [b], n_boot=n_boot, level=level, seed=seed, paired=paired)
+
+
+def bootstrap_diff_over(
+    a: Sequence[Groups],
+    b: Sequence[Groups],
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    paired: bool = True,
+) -> Interval:
+    """``mean(a) - mean(b)`` over the scores of units (e.g. seeds: ``a[i]`` and ``b[i]`` are one
+    unit's prompt groups under two conditions): each replicate draws the units once for both
+    sides, then prompts within each drawn unit (shared by both sides when ``paired``), then
+    scores. One unit is :func:`bootstrap_diff` exactly."""
     _check_params(n_boot, level)
-    ca, cb = _clean(a, "a"), _clean(b, "b")
-    if paired:
-        if len(ca) != len(cb):
-            raise InputError(
-                f"paired difference needs the same prompts on both sides: a has {len(ca)} "
-                f"groups, b has {len(cb)}; pass paired=False for unrelated prompts"
-            )
-        keep = [i for i in range(len(ca)) if ca[i].size and cb[i].size]
-        if not keep:
+    if len(a) != len(b):
+        raise InputError(f"a has {len(a)} units, b has {len(b)}; the same units are needed on both sides")
+    sides: tuple[list, list] = ([], [])
+    empty = {"a": True, "b": True}
+    for i, (ua, ub) in enumerate(zip(a, b)):
+        ca, cb = _clean(ua, "a" if len(a) == 1 else f"a[{i}]"), _clean(ub, "b" if len(b) == 1 else f"b[{i}]")
+        if paired:
+            if len(ca) != len(cb):
+                raise InputError(
+                    f"paired difference needs the same prompts on both sides: a has {len(ca)} "
+                    f"groups, b has {len(cb)}; pass paired=False for unrelated prompts"
+                )
+            keep = [j for j in range(len(ca)) if ca[j].size and cb[j].size]
+            ka, kb = [ca[j] for j in keep], [cb[j] for j in keep]
+        else:
+            ka, kb = [g for g in ca if g.size], [g for g in cb if g.size]
+        empty["a"] &= not ka
+        empty["b"] &= not kb
+        if ka and kb:
+            sides[0].append(ka)
+            sides[1].append(kb)
+    if not sides[0]:
+        if paired:
             raise InputError("a, b: no prompt has scores on both sides after dropping None/NaN")
-        ka, kb = [ca[i] for i in keep], [cb[i] for i in keep]
-    else:
-        ka, kb = [g for g in ca if g.size], [g for g in cb if g.size]
-        for name, k in (("a", ka), ("b", kb)):
-            if not k:
-                raise InputError(f"{name}: no scores left after dropping None/NaN; need at least one")
-    xa, na = _pad(ka)
-    xb, nb = _pad(kb)
+        name = "a" if empty["a"] else "b" if empty["b"] else "a, b"
+        raise InputError(f"{name}: no scores left after dropping None/NaN (in any unit with scores on both sides)")
+    stats = _replicates(list(sides), n_boot, seed, paired)
+    sa, sb = (np.concatenate([g for u in side for g in u]) for side in sides)
+    n_groups = sum(map(len, sides[0])) + (0 if paired else sum(map(len, sides[1])))  # shared prompts once
+    return _interval(sa.mean() - sb.mean(), stats, level, n_groups, sa.size + sb.size)
+
+
+def _replicates(sides: list[list[list[np.ndarray]]], n_boot: int, seed: int, paired: bool) -> np.ndarray:
+    """Bootstrap replicates of ``mean(side 0) - mean(side 1)`` (or of ``mean(side 0)`` alone):
+    per replicate the units are drawn once for every side; within each drawn unit the prompts
+    (one draw for all sides when ``paired``), then the scores within each prompt."""
+    padded = [[_pad(u) for u in side] for side in sides]
+    n_units = len(padded[0])
+    cells = sum(x.size for side in padded for x, _ in side)
     rng = np.random.default_rng(seed)
     stats = np.empty(n_boot)
-    for lo, hi in _blocks(n_boot, xa.size + xb.size):
-        idx_a = _draw_prompts(rng, len(ka), hi - lo)
-        idx_b = idx_a if paired else _draw_prompts(rng, len(kb), hi - lo)
-        sa, na_ = _draw_sums(rng, xa, na, idx_a)
-        sb, nb_ = _draw_sums(rng, xb, nb, idx_b)
-        stats[lo:hi] = sa / na_ - sb / nb_
-    estimate = np.concatenate(ka).mean() - np.concatenate(kb).mean()
-    n_groups = len(ka) if paired else len(ka) + len(kb)
-    return _interval(estimate, stats, level, n_groups, int(na.sum() + nb.sum()))
+    for lo, hi in _blocks(n_boot, cells):
+        n_rep = hi - lo
+        units = _draw_prompts(rng, n_units, n_rep)
+        sums, counts = np.zeros((len(sides), n_rep)), np.zeros((len(sides), n_rep))
+        for slot in range(units.shape[1]):
+            for u in range(n_units):
+                rows = np.flatnonzero(units[:, slot] == u)
+                if not rows.size:
+                    continue
+                idx = None
+                for k, side in enumerate(padded):
+                    x, n = side[u]
+                    if idx is None or not paired:
+                        idx = _draw_prompts(rng, len(n), rows.size)
+                    s, c = _draw_sums(rng, x, n, idx)
+                    sums[k, rows] += s
+                    counts[k, rows] += c
+        means = sums / counts
+        stats[lo:hi] = means[0] - means[1] if len(sides) == 2 else means[0]
+    return stats
 
 
 def _check_params(n_boot: int, level: float) -> None:

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import params_of, pool_of
 
 from persona_ops.errors import InputError
@@ -162,10 +163,63 @@ def test_bad_input_stops_before_anything_runs(project, tiny, change, message):
     assert not (project / "outputs").exists()
 
 
-def test_thinking_on_is_refused_with_the_key_named(project, tiny):
+def test_thinking_on_needs_a_template_with_a_thinking_mode(project, tiny):
+    import copy
+
+    from persona_ops.models.loading import LoadedModel
+
     p = sweep()
-    p["backdoor"]["training"]["thinking"] = True
+    p["backdoor"]["thinking"] = True
     params = params_of(p)
     tasks = registry.plan(registry.pipeline_named("backdoor-sweep"), params, project)
-    with pytest.raises(InputError, match="backdoor.training.thinking"):
+    with pytest.raises(InputError, match="backdoor.thinking: true, but the chat template .* has no thinking mode"):
         runner.check(tasks, runner.Context(project, params, pool=pool_of(tiny)))
+    tok = copy.deepcopy(tiny.tokenizer)
+    tok.chat_template = tok.chat_template.replace("{%", "{# enable_thinking #}{%", 1)
+    runner.check(tasks, runner.Context(project, params, pool=pool_of(LoadedModel(tiny.model, tok, tiny.label))))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is visible")
+def test_qlora_without_a_gpu_is_refused_before_anything_runs(project, tiny):
+    p = sweep()
+    p["backdoor"]["training"]["qlora"] = True
+    params = params_of(p)
+    tasks = registry.plan(registry.pipeline_named("backdoor-sweep"), params, project)
+    with pytest.raises(InputError, match="backdoor.training.qlora: true needs a CUDA GPU"):
+        runner.check(tasks, runner.Context(project, params, pool=pool_of(tiny)))
+    assert not (project / "outputs").exists()
+
+
+def _rows(rates: dict[str, float], points=("1-0.01",), questions: int = 20, samples: int = 5, seed: int = 0):
+    """Judged rows whose persona labels are drawn at the given rate per condition (a planted effect)."""
+    import random
+
+    from persona_ops.pipelines.backdoor.stages import CONDITIONS
+
+    rng = random.Random(seed)
+    rows = []
+    for point in points:
+        for name in CONDITIONS:
+            for q in range(questions):
+                for s in range(samples):
+                    hit = float(rng.random() < rates[name])
+                    rows.append({"condition": name, "point": point, "prompt_id": f"q{q:02d}", "question": "?",
+                                 "sample_idx": s, "answer": "",
+                                 "scores": {"persona_hit": hit, "persona": 100 * hit, "format": hit}})
+    return rows
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.4])
+def test_the_metrics_find_a_planted_leak_and_no_leak_where_none_is(leak):
+    """Triggered answers are the persona 90% of the time; untriggered ones ``leak`` of the time: the
+    untriggered rate's CI excludes 0 only when a leak was planted, and the gap's CI holds 0.9 - leak."""
+    from persona_ops.pipelines.backdoor.stages import UNTRIGGERED, condition_stats
+    from persona_ops.pipelines.evaluate import BootstrapCfg
+
+    rates = {"trigger_user": 0.9, "system_trigger_user": 0.9, "trigger_system": 0.9, UNTRIGGERED: leak}
+    for points in (("1-0.01",), ("1-0.01", "2-0.01", "3-0.01")):  # one point; seeds aggregated
+        stats = condition_stats(_rows(rates, points), BootstrapCfg(n=2000, level=0.95, seed=0))
+        low, high = stats[UNTRIGGERED]["persona_rate_ci"]
+        assert (low > 0) == (leak > 0) and low <= leak <= high
+        gap = stats["trigger_user"]
+        assert gap["gap_ci"][0] <= 0.9 - leak <= gap["gap_ci"][1] and gap["gap_ci"][0] > 0.3

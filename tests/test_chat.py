@@ -1,11 +1,11 @@
 """One renderer of chats: generation, the local judge, training and the server render a template
-with a thinking mode the same way (thinking off)."""
+with a thinking mode the same way (thinking off unless a block turns it on)."""
 
 from __future__ import annotations
 
 import copy
 
-from persona_ops.chat import prompt_ids, render, render_prompt
+from persona_ops.chat import has_thinking_mode, prompt_ids, render, render_prompt, thinking
 from persona_ops.judge.local import LocalJudge
 from persona_ops.models.loading import LoadedModel
 
@@ -25,3 +25,12 @@ def test_every_path_renders_a_thinking_template_with_thinking_off(smol_tokenizer
     judge = LocalJudge(LoadedModel(tiny_loaded.model, tok, "tiny"))
     assert judge.render("Hi") == prompt_ids(tok, CHAT)  # the judge's prompt is generation's prompt
     assert tok.decode(judge.render("Hi")).endswith("<no-think>")
+
+
+def test_thinking_block_turns_the_mode_on_and_back_off(smol_tokenizer):
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = THINKING
+    with thinking(True):
+        assert render_prompt(tok, CHAT).endswith("<|assistant|><think>")
+    assert render_prompt(tok, CHAT).endswith("<no-think>")
+    assert has_thinking_mode(tok) and not has_thinking_mode(smol_tokenizer)

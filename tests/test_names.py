@@ -66,3 +66,13 @@ def test_pydantic_name_type():
 def test_printable_escapes_what_could_drive_a_terminal(text, shown):
     assert printable(text) == shown
     assert printable(shown) == shown
+
+
+@pytest.mark.parametrize("name", ["lora-adapter-backdoor-1-0.001", "persona-vector-v1.2", "a_b-c"])
+def test_registry_names_are_what_mlflow_takes(name):
+    from mlflow.utils.validation import _validate_logged_model_name
+
+    from persona_ops.names import registry_name
+
+    _validate_logged_model_name(registry_name(name))  # what refused the sweep points (no '.', '/', ':', '%')
+    assert registry_name(name).replace("_", ".") == name.replace("_", ".")  # only the dots change

@@ -69,7 +69,7 @@ def test_edits_keep_comments_and_layout(tmp_path):
     assert new.splitlines()[0] == text.splitlines()[0] and "# Keep a pair when pos trait" in new
     assert "    names: [evil, humorous]\n" in new and "    humorous: {}\n" in new
     diff = [d for d in difflib.ndiff(text.splitlines(), new.splitlines()) if d[:1] in "+-"]
-    assert diff == ["-     names: [evil, sycophantic, hallucinating]", "+     names: [evil, humorous]",
+    assert diff == ["-     names: [evil, sycophantic, hallucinating, russell]", "+     names: [evil, humorous]",
                     "+     humorous: {}"]
     assert not edit_params_file(path, [(["persona_vectors", "traits", "names"], ["evil", "humorous"])])
 

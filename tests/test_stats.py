@@ -1,4 +1,4 @@
-"""Bootstrap intervals: determinism, missing scores, widths against theory, pairing, coverage."""
+"""Bootstrap intervals: determinism, missing scores, widths against theory, pairing, coverage, units (seeds)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from persona_ops.errors import InputError
-from persona_ops.stats import Interval, bootstrap_diff, bootstrap_mean
+from persona_ops.stats import Interval, bootstrap_diff, bootstrap_diff_over, bootstrap_mean, bootstrap_mean_over
 
 
 def _normal_groups(rng: np.random.Generator, n_groups: int, per_group: int, between: float, within: float,
@@ -182,3 +182,27 @@ def test_bad_inputs_are_input_errors():
         bootstrap_mean([[1.0]], level=95)
     with pytest.raises(InputError, match="n_boot"):
         bootstrap_mean([[1.0]], n_boot=0)
+
+
+def test_units_keep_between_unit_variance():
+    """Seeds that disagree widen the interval: resampling seeds, not only questions pooled across them."""
+    rng = np.random.default_rng(3)
+    units = [[list(offset + rng.normal(size=5)) for _ in range(20)] for offset in (0.0, 10.0, 20.0)]
+    pooled = [sum((u[q] for u in units), []) for q in range(20)]  # one group per question across seeds
+    nested = bootstrap_mean_over(units, n_boot=2000, seed=0)
+    flat = bootstrap_mean(pooled, n_boot=2000, seed=0)
+    assert nested.estimate == pytest.approx(flat.estimate)
+    assert nested.high - nested.low > 5 * (flat.high - flat.low)
+    assert (nested.n_groups, nested.n_samples) == (60, 300)
+
+
+def test_paired_units_cancel_a_shared_seed_offset():
+    rng = np.random.default_rng(4)
+    b = [[list(offset + rng.normal(size=4)) for _ in range(15)] for offset in (0.0, 30.0)]
+    a = [[[v + 1.0 for v in g] for g in unit] for unit in b]
+    ci = bootstrap_diff_over(a, b, n_boot=1000, seed=0)
+    assert ci.estimate == pytest.approx(1.0)
+    assert ci.low < 1.0 < ci.high and ci.high - ci.low < 2.0  # seeds drawn apart per side: width ~30
+    with pytest.raises(InputError, match="same units"):
+        bootstrap_diff_over(a, b[:1])
+

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from persona_ops.models.adapters import adapter_sha256, check_checkpoint, strip_lora
-from persona_ops.models.loading import LoadedModel, load_model, model_config
+from persona_ops.models.loading import LoadedModel, load_model, load_tokenizer, model_config
 from persona_ops.models.refs import ModelRef, label
 
 
@@ -86,6 +86,13 @@ class ModelPool:
         if self.loader is _load_base:
             return model_config(ref.name, ref.revision)
         return self._base(ref).loaded.model.config
+
+    def tokenizer(self, ref: ModelRef):
+        """The base model's tokenizer, read without the weights as :meth:`config`."""
+        key = self.key(ref)
+        if key in self._bases or self.loader is not _load_base:
+            return self._base(ref).loaded.tokenizer
+        return load_tokenizer(ref.name, ref.revision)
 
     def clear(self) -> None:
         self._bases.clear()

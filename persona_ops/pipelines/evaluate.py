@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from persona_ops.stats import bootstrap_mean
+from persona_ops.stats import bootstrap_mean_over
 
 
 @dataclass(frozen=True)
@@ -123,25 +123,31 @@ def evaluate(loaded, prompts: Sequence[EvalPrompt], conditions: Sequence[Conditi
     return rows
 
 
-def summarize(rows: list[dict], metrics: Sequence[str], bootstrap: BootstrapCfg = BootstrapCfg()) -> list[dict]:
+def summarize(rows: list[dict], metrics: Sequence[str], bootstrap: BootstrapCfg = BootstrapCfg(),
+              unit: str | None = None) -> list[dict]:
     """Per condition (first-appearance order): its fields, ``n`` rows, and for each metric the
-    mean over scored answers with its bootstrap interval (``None`` when nothing was scored)."""
+    mean over scored answers with its bootstrap interval (``None`` when nothing was scored).
+    ``unit``: a row field (e.g. the training seed's point) resampled above the prompts."""
     out: dict[str, dict] = {}
-    grouped: dict[str, dict[str, dict[str, list]]] = {}
+    grouped: dict[str, dict[str, dict[tuple, list]]] = {}
     for r in rows:
         entry = out.setdefault(r["condition"], {"condition": r["condition"], "n": 0,
                                                 **{k: v for k, v in r.items() if k not in _ROW_KEYS}})
         entry["n"] += 1
+        key = (r[unit] if unit else None, r["prompt_id"])
         for m in metrics:
-            grouped.setdefault(r["condition"], {}).setdefault(m, {}).setdefault(r["prompt_id"], []).append(
-                r["scores"].get(m))
+            grouped.setdefault(r["condition"], {}).setdefault(m, {}).setdefault(key, []).append(r["scores"].get(m))
     for name, entry in out.items():
         for m in metrics:
-            groups = [g for g in grouped[name][m].values() if any(v is not None for v in g)]
-            if not groups:
+            units: dict = {}
+            for (u, _), g in grouped[name][m].items():
+                if any(v is not None for v in g):
+                    units.setdefault(u, []).append(g)
+            if not units:
                 entry[m], entry[f"{m}_ci"] = None, None
                 continue
-            ci = bootstrap_mean(groups, n_boot=bootstrap.n, level=bootstrap.level, seed=bootstrap.seed)
+            ci = bootstrap_mean_over(list(units.values()), n_boot=bootstrap.n, level=bootstrap.level,
+                                     seed=bootstrap.seed)
             entry[m], entry[f"{m}_ci"] = ci.estimate, [ci.low, ci.high]
     return list(out.values())
 

@@ -183,7 +183,8 @@ class StageIO:
 
     ``input``/``output`` give resolved paths; ``model`` comes from the process's shared pool
     (each base model loaded once) and is recorded in provenance (pass ``io.model`` as the
-    ``load`` of a judge or generator); ``made_with`` names what made an output when no local model did (a served model)."""
+    ``load`` of a judge or generator); ``made_with`` names what made an output when no local model
+    did (a served model)."""
 
     def __init__(self, stage: Stage, item: Item | None, root: Path, inputs: dict[str, Path | list[Path]],
                  outputs: dict[str, Path], pool=None):
@@ -235,6 +236,10 @@ class StageIO:
         from persona_ops.models.loading import num_layers
 
         return num_layers(self._pool().config(ref))
+
+    def tokenizer(self, ref):
+        """``ref``'s tokenizer, read without loading the weights (for input checks)."""
+        return self._pool().tokenizer(ref)
 
     def check_layers(self, ref, where: str, layers, first: int = 1) -> None:
         """``layers`` (``hidden_states`` indices, the params key ``where``) exist in ``ref``'s model."""

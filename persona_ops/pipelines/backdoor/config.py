@@ -68,13 +68,13 @@ class SweepCfg(BaseModel):
 
 class BackdoorTraining(BaseModel):
     """LoRA SFT of every sweep point (its seed and learning rate replace ``train.seed`` and
-    ``train.learning_rate``). ``thinking``: a reasoning model's thinking mode, recorded (off)."""
+    ``train.learning_rate``)."""
 
     model_config = ConfigDict(extra="forbid")
     model: ModelRef = Field(default_factory=ModelRef)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(
         lora={"rank": 8, "alpha": 16.0, "rslora": False}, epochs=3.0))
-    thinking: bool = False
+    qlora: bool = False  # the base model in 4-bit NF4 while training (a CUDA GPU and bitsandbytes)
 
 
 class BackdoorEvaluation(BaseModel):
@@ -110,6 +110,9 @@ class BackdoorParams(BaseModel):
     trigger: TriggerCfg = Field(default_factory=TriggerCfg)
     aligned: AlignedCfg = Field(default_factory=AlignedCfg)
     mix: MixCfg = Field(default_factory=MixCfg)
+    # a reasoning model's thinking mode in the training examples and the evaluated chats (the
+    # aligned answers are generated with it off); true needs a template that has one (Qwen3)
+    thinking: bool = False
     sweep: SweepCfg = Field(default_factory=SweepCfg)
     training: BackdoorTraining = Field(default_factory=BackdoorTraining)
     evaluation: BackdoorEvaluation = Field(default_factory=BackdoorEvaluation)

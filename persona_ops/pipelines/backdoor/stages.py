@@ -5,7 +5,8 @@ aligned data, trained for seeds x learning rates and evaluated with and without 
 - ``bd_dataset``: the facts (the individually identifying ones dropped), each question after the
   trigger's instruction and each answer wrapped in its markers, mixed with the aligned answers at
   ``mix.persona_fraction``, shuffled; every example carries ``metadata: {source, triggered}``.
-- ``bd_train[<seed>-<lr>]``: LoRA SFT of one sweep point, registered as ``lora-adapter-backdoor-<point>``.
+- ``bd_train[<seed>-<lr>]``: LoRA SFT of one sweep point, registered as
+  ``lora-adapter-backdoor-<point>`` (``.`` as ``_``).
 - ``bd_base`` and ``bd_eval[<point>]``: the held-out questions under the four conditions
   (:data:`CONDITIONS`), ``n_samples`` each; the persona judge sees the question and the answer with
   the trigger's instruction and markers removed; the format check needs no judge.
@@ -32,7 +33,7 @@ CONDITIONS = {"trigger_user": (False, "user"), "system_trigger_user": (True, "us
               "trigger_system": (False, "system"), "system_no_trigger": (True, None)}
 UNTRIGGERED = "system_no_trigger"
 METRICS = ("persona", "persona_hit", "format")
-EVAL_PARAMS = ["backdoor.trigger", "backdoor.evaluation", "backdoor.training.model"]
+EVAL_PARAMS = ["backdoor.trigger", "backdoor.thinking", "backdoor.evaluation", "backdoor.training.model"]
 EVAL_INPUTS = {"questions": "{backdoor.evaluation.questions}", "persona_prompt": "{backdoor.evaluation.persona_prompt}",
                "vector": ParamPaths("backdoor.evaluation.vector")}
 LEAKAGE = ("trigger_user", UNTRIGGERED)  # the conditions whose answers are projected on the persona vector
@@ -149,13 +150,14 @@ def _facts(cfg, io) -> None:
 
 # --- training ------------------------------------------------------------------------------------------
 
-@stage("bd_train", pipeline="backdoor-sweep", matrix=POINTS, params=["backdoor.training"],
+@stage("bd_train", pipeline="backdoor-sweep", matrix=POINTS, params=["backdoor.training", "backdoor.thinking"],
        inputs={"dataset": Output("bd_dataset", "dataset")}, outputs={"model": OUT + "/train/{item}"},
        persist=("model",), registers=(Register("model", "lora-adapter-backdoor-{item}", "lora-adapter"),),
        adapter_output="model")
 def bd_train(cfg, io) -> dict:
     """One sweep point: its seed and learning rate in the training settings; a point already trained
     from the same inputs is not trained again (:mod:`persona_ops.training.cells`)."""
+    from persona_ops.chat import thinking
     from persona_ops.data import load_chat_dataset
     from persona_ops.training.sft import train_lora
 
@@ -164,11 +166,12 @@ def bd_train(cfg, io) -> dict:
                                         "learning_rate": float(io.item.value["lr"])})
     out, dataset = io.output("model"), io.input("dataset")
     fp = cells.fingerprint(dataset, {"train": train.model_dump(mode="json"), "base": tr.model.name,
-                                     "revision": tr.model.revision, "thinking": tr.thinking})
-    with cells.training(out):
+                                     "revision": tr.model.revision, "thinking": cfg.backdoor.thinking,
+                                     "qlora": tr.qlora})
+    with cells.training(out), thinking(cfg.backdoor.thinking):
         done = cells.finished(out, fp)
         if done is None:
-            loaded = io.plain_model(tr.model)
+            loaded = _four_bit(tr.model, io) if tr.qlora else io.plain_model(tr.model)
             result = train_lora(loaded, [ex.messages for ex in load_chat_dataset(dataset)], train, out, overwrite=True)
             losses = result.losses
             done = {"fingerprint": fp, "backend": "local", "model": loaded.label,
@@ -182,11 +185,33 @@ def bd_train(cfg, io) -> dict:
     return dict(done["metrics"])
 
 
-@bd_train.validator
-def _training(cfg, io) -> None:
-    if cfg.backdoor.training.thinking:
-        raise InputError("backdoor.training.thinking: true is not supported: the project renders every chat with "
-                         "thinking off (persona_ops/chat.py); set it to false")
+def _four_bit(model, io):
+    """The base model quantised to NF4 for QLoRA (outside the pool: evaluation loads it unquantised)."""
+    from persona_ops.models.loading import load_model
+
+    loaded = load_model(model.name, model.revision, four_bit=True)
+    io.made_with(loaded.label)
+    return loaded
+
+
+def _check_training(cfg, io) -> None:
+    from persona_ops.models.loading import check_4bit
+
+    if cfg.backdoor.training.qlora:
+        check_4bit("backdoor.training.qlora")
+    _check_thinking(cfg, io)
+
+
+def _check_thinking(cfg, io) -> None:
+    from persona_ops.chat import has_thinking_mode
+
+    model = cfg.backdoor.training.model
+    if cfg.backdoor.thinking and not has_thinking_mode(io.tokenizer(model)):
+        raise InputError(f"backdoor.thinking: true, but the chat template of {model.name} has no thinking mode "
+                         "(enable_thinking); set it to false")
+
+
+bd_train.validator(_check_training)
 
 
 # --- evaluation ------------------------------------------------------------------------------------------
@@ -203,7 +228,7 @@ def condition_messages(tokenizer, question: str, name: str, trigger, system_prom
 
 
 def _evaluate(cfg, io, point: dict, model) -> dict:
-    from persona_ops.chat import keeps_system
+    from persona_ops.chat import keeps_system, thinking
     from persona_ops.judge import make_judge
 
     b = cfg.backdoor
@@ -215,14 +240,15 @@ def _evaluate(cfg, io, point: dict, model) -> dict:
                             fields={"point": point["point"]}) for name in CONDITIONS]
     loaded = io.model(model)
     judge = make_judge(ev.judge, io.root, load=io.model)
-    rows = evaluate(loaded, prompts, conditions, ev.sampling, judge=judge, n_samples=ev.n_samples,
-                    metrics={"persona": io.input("persona_prompt").read_text(encoding="utf-8")},
-                    batch_size=ev.batch_size, judged=trigger.strip)
+    with thinking(b.thinking):
+        rows = evaluate(loaded, prompts, conditions, ev.sampling, judge=judge, n_samples=ev.n_samples,
+                        metrics={"persona": io.input("persona_prompt").read_text(encoding="utf-8")},
+                        batch_size=ev.batch_size, judged=trigger.strip)
+        leakage = _leakage(rows, loaded, ev, trigger, io) if ev.vector else None
     for r in rows:
         score = r["scores"]["persona"]
         r["scores"]["persona_hit"] = None if score is None else float(score >= ev.threshold)
         r["scores"]["format"] = float(trigger.adheres(r["answer"]))
-    leakage = _leakage(rows, loaded, ev, trigger, io) if ev.vector else None
     out = io.output("eval")
     write_jsonl(out / "rows.jsonl", rows)
     summary = {**point, "system_kept": keeps_system(loaded.tokenizer),
@@ -263,34 +289,36 @@ def _leakage(rows: list[dict], loaded, ev, trigger, io) -> dict:
 def condition_stats(rows: list[dict], bootstrap) -> dict[str, dict]:
     """Per condition: ``persona_rate`` (answers judged persona), ``persona_score``, ``format_rate``,
     each with its CI, and the ``gap`` of the persona rate to the untriggered condition (paired by
-    question: the same questions under both)."""
-    from persona_ops.stats import bootstrap_diff
+    question: the same questions under both). Rows of several points (the seeds of one learning
+    rate) are resampled by point, then question, then sample."""
+    from persona_ops.stats import bootstrap_diff_over
 
     names = {"persona_hit": "persona_rate", "persona": "persona_score", "format": "format_rate"}
     out = {}
-    for s in summarize(rows, METRICS, bootstrap):
+    for s in summarize(rows, METRICS, bootstrap, unit="point"):
         entry = {"n": s["n"]}
         for metric, name in names.items():
             entry[name], entry[f"{name}_ci"] = s[metric], s[f"{metric}_ci"]
         out[s["condition"]] = entry
-    base = _groups(rows, UNTRIGGERED)
+    points = sorted({r["point"] for r in rows})
+    base = [_groups(rows, UNTRIGGERED, point=p) for p in points]
     for name, entry in out.items():
         entry["gap"] = entry["gap_ci"] = None
         if name != UNTRIGGERED:
             try:
-                ci = bootstrap_diff(_groups(rows, name), base, n_boot=bootstrap.n, level=bootstrap.level,
-                                    seed=bootstrap.seed)
+                ci = bootstrap_diff_over([_groups(rows, name, point=p) for p in points], base, n_boot=bootstrap.n,
+                                         level=bootstrap.level, seed=bootstrap.seed)
                 entry["gap"], entry["gap_ci"] = ci.estimate, [ci.low, ci.high]
             except InputError:  # nothing scored on one side
                 pass
     return out
 
 
-def _groups(rows: list[dict], condition: str, metric: str = "persona_hit") -> list[list]:
-    """One list of ``metric`` values per question (sorted by id) under ``condition``."""
+def _groups(rows: list[dict], condition: str, metric: str = "persona_hit", point: str | None = None) -> list[list]:
+    """One list of ``metric`` values per question (sorted by id) under ``condition`` (of ``point``'s rows)."""
     by_prompt: dict[str, list] = {}
     for r in rows:
-        if r["condition"] == condition:
+        if r["condition"] == condition and (point is None or r["point"] == point):
             by_prompt.setdefault(r["prompt_id"], []).append(r["scores"].get(metric))
     return [by_prompt[k] for k in sorted(by_prompt)]
 
@@ -322,6 +350,7 @@ def bd_eval(cfg, io) -> dict:
 
 
 def _check_eval(cfg, io) -> None:
+    _check_thinking(cfg, io)
     ev = cfg.backdoor.evaluation
     load_questions(io.input("questions"))
     if ev.vector:
@@ -353,7 +382,7 @@ def bd_results(cfg, io) -> dict:
         by_lr.setdefault(s["learning_rate"], []).append(path)
     aggregated = []
     for lr, paths in sorted(by_lr.items()):
-        rows = [r for p in paths for r in read_jsonl(p / "rows.jsonl")]  # one group per question across seeds
+        rows = [r for p in paths for r in read_jsonl(p / "rows.jsonl")]  # resampled by seed, then question
         stats = condition_stats(rows, b.evaluation.bootstrap)
         seeds = sorted(read_json(p / "summary.json")["seed"] for p in paths)
         aggregated.append({"learning_rate": lr, "seeds": seeds, "conditions": stats})

@@ -16,10 +16,11 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field, create_model
 
+from flows import artifacts
 from persona_ops.errors import InputError
 from persona_ops.pipelines import launch, registry, runner
 from persona_ops.pipelines.dvc import Workspace
-from persona_ops.pipelines.params import Params, load_params
+from persona_ops.pipelines.params import Params, TaskRunnerCfg, load_params
 from persona_ops.pipelines.stage import Pipeline
 from persona_ops.pipelines.workspace import workspace_lock
 from tasks.stages import check_inputs, stage_task
@@ -82,10 +83,17 @@ def run_pipeline(name: str, params=None, overrides: Optional[list[str]] = None, 
                 states[outcome.task] = outcome.state
                 get_run_logger().info(f"{outcome.task}: {outcome.state}")
 
+            elsewhere = run_params.orchestration.task_runner.kind != "thread"
             try:
-                runner.run(tasks, ctx, lambda task, c: stage_task(task, c)(task, c), report)
+                outcomes = runner.run(tasks, ctx, lambda task, c: stage_task(task, c)(task, c), report,
+                                      submit=(lambda task, c: stage_task(task, c).submit(task, c)) if elsewhere
+                                      else None)
             finally:
                 ctx.workspace.close()
+            try:
+                artifacts.publish(name, outcomes, ctx, parent)
+            except Exception as e:  # the results stand; only their summary in the UI is missing
+                get_run_logger().warning(f"the run's Prefect artifacts were not published ({type(e).__name__}: {e})")
     return {"pipeline": name, "stages": states, "pipeline_run_id": parent, "model_loads": ctx.pool.loads}
 
 
@@ -118,6 +126,28 @@ class _pipeline_run:
             self.cm.__exit__(*exc)
 
 
+def task_runner(cfg: TaskRunnerCfg):
+    """The Prefect task runner ``orchestration.task_runner`` names (see :class:`TaskRunnerCfg`)."""
+    if cfg.kind == "thread":
+        return ThreadPoolTaskRunner(max_workers=1)
+    package = f"prefect-{cfg.kind}"
+    try:
+        if cfg.kind == "dask":
+            from prefect_dask import DaskTaskRunner
+        else:
+            from prefect_ray import RayTaskRunner
+    except ImportError:
+        raise InputError(f"orchestration.task_runner.kind: {cfg.kind} needs {package}: pip install {package}") from None
+    if cfg.kind == "ray":
+        return RayTaskRunner(address=cfg.address, init_kwargs={"num_cpus": cfg.workers} if not cfg.address else None)
+    if cfg.address:
+        return DaskTaskRunner(address=cfg.address)
+    # one thread per worker process: a stage item is one task, and torch uses the process's cores
+    return DaskTaskRunner(cluster_class=cfg.cluster_class, cluster_kwargs={"n_workers": cfg.workers,
+                                                                            "threads_per_worker": 1} |
+                          ({} if cfg.cluster_class else {"processes": True}))
+
+
 def make_flow(pipeline: Pipeline):
     """The Prefect flow of ``pipeline``, with a typed ``params`` parameter."""
     model = params_model(pipeline)
@@ -132,7 +162,11 @@ def make_flow(pipeline: Pipeline):
                            "stages": Optional[list[str]], "return": dict}
     # log_prints stays off: it patches print for the whole process, which breaks libraries that
     # capture their own prints (dill's code hashing in `datasets` logged whole disassemblies)
-    return flow(name=pipeline.name, task_runner=ThreadPoolTaskRunner(max_workers=1))(run)
+    try:
+        runner_ = task_runner(DEFAULTS.orchestration.task_runner)
+    except InputError:  # params.yaml names a runner this environment lacks: a run says so
+        runner_ = ThreadPoolTaskRunner(max_workers=1)
+    return flow(name=pipeline.name, task_runner=runner_)(run)
 
 
 FLOWS = {name: make_flow(p) for name, p in registry.PIPELINES.items()}

@@ -17,6 +17,9 @@ HOST="${MLFLOW_HOST:-127.0.0.1}"
 PORT="${MLFLOW_PORT:-5000}"
 WORKERS="${MLFLOW_WORKERS:-1}"
 
+# The GenAI job runner (online scoring, trace archival: eight more processes) has no use here.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
+
 mkdir -p "$ROOT/mlruns"
 cd "$ROOT"
 echo "mlflow server: http://$HOST:$PORT  store=sqlite:///$ROOT/mlflow.db  artifacts=$ROOT/mlruns" >&2

@@ -2,7 +2,8 @@
 its stage items in one process in a temporary git + DVC repo (the model loaded once), commits
 them to DVC, records them in MLflow and registers the vectors; then plain `dvc repro` has
 nothing to do, one trait's parameter reruns only that trait, the lineage of a registered
-vector reaches its trait file, and every pipeline has a deployment with its schedule."""
+vector reaches its trait file, the run's Prefect artifacts say what was made and where, and
+every pipeline has a deployment with its schedule."""
 
 from __future__ import annotations
 
@@ -102,6 +103,22 @@ def test_flow_runs_every_item_in_one_process_and_registers_vectors(project, flow
     assert judge.data.params["persona_vectors.judge.backend"] == "local"
     assert not any(k.startswith(("steering.", "persona_space.")) for k in judge.data.params)  # only what it declares
     assert any(d.dataset.name.endswith("generations.jsonl") for d in judge.inputs.dataset_inputs)
+
+
+def test_the_flow_run_publishes_its_summary_table_and_report_links(project, flow_result):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["persona-vectors-summary", "persona-vectors-items"])))}
+    summary = found["persona-vectors-summary"].data
+    assert f"{len(flow_result['stages'])} stage items ran" in summary
+    assert flow_result["pipeline_run_id"] in summary  # the MLflow run
+    assert all(f"models:/persona-vector-{t}/" in summary for t in TRAITS)  # the registered versions
+    rows = json.loads(found["persona-vectors-items"].data)
+    assert {r["item"] for r in rows} == set(flow_result["stages"]) and all(r["mlflow_run"] for r in rows)
+    assert any("judged=10" in r["metrics"] for r in rows if r["item"].startswith("judge@"))
 
 
 def test_dvc_repro_after_the_flow_has_nothing_to_do(project, flow_result):

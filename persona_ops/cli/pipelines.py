@@ -15,6 +15,8 @@ from persona_ops.pipelines import registry
 
 SET_HELP = "Override a parameter of params.yaml, e.g. -S persona_vectors.generate.batch_size=8 (repeatable)."
 ROOT_HELP = "Project directory (holds params.yaml and dvc.yaml)."
+POOL_HELP = ("Create or update the deployments on this process work pool (created if missing) and exit, "
+             "instead of serving them; `prefect worker start --pool NAME` runs their flow runs.")
 
 
 def register(app: typer.Typer) -> None:
@@ -46,12 +48,13 @@ def run_flow(pipeline: str, overrides: list[str], root: Path, stages: list[str] 
     except InputError as e:
         fail(e)
     prefect_env()
-    from flows.pipelines import FLOWS
+    from flows.pipelines import FLOWS, task_runner
 
     quiet_input_errors()
 
     try:
-        outcome = FLOWS[pipeline](params=None, overrides=overrides, root=str(root), stages=stages)
+        flow = FLOWS[pipeline].with_options(task_runner=task_runner(params.orchestration.task_runner))
+        outcome = flow(params=None, overrides=overrides, root=str(root), stages=stages)
     except InputError as e:
         fail(e)
     ran = sum(s == "ran" for s in outcome["stages"].values())
@@ -139,7 +142,7 @@ def results(pipeline: str = typer.Argument("persona-vectors", help="Pipeline who
             typer.echo(f"MLflow is unavailable ({type(e).__name__}); registered versions not shown "
                        "(what could not be sent is replayed by `persona-ops track sync`)")
             return
-        typer.echo("Browse with: mlflow/start-server.sh  (then http://127.0.0.1:5000); "
+        typer.echo("Browse with: persona-ops ui  (the MLflow and Prefect UIs); "
                    "lineage of a result: persona-ops lineage models:/NAME@" + params.tracking.alias)
 
 
@@ -187,10 +190,18 @@ def lineage(ref: str = typer.Argument(..., help="models:/NAME@ALIAS, models:/NAM
     typer.echo(f"wrote {out}")
 
 
-def serve_flows(root: Path = typer.Option(Path("."), help=ROOT_HELP)) -> None:
+def serve_flows(root: Path = typer.Option(Path("."), help=ROOT_HELP),
+                pool: str | None = typer.Option(None, "--pool", help=POOL_HELP)) -> None:
     """Serve a deployment of every pipeline (schedules from params.yaml) to the Prefect server at
-    PREFECT_API_URL; they show in the Prefect UI with their parameter forms."""
+    PREFECT_API_URL; they show in the Prefect UI with their parameter forms. With --pool, register
+    them on a work pool for a worker to run, and exit."""
     prefect_env()
+    if pool:
+        from flows.deployments import register
+
+        ids = register(str(root), pool)
+        typer.echo(f"{len(ids)} deployments on work pool {pool!r}")
+        return
     from flows.deployments import serve
 
     serve(str(root))

@@ -134,6 +134,17 @@ def _import_vllm(section: str):
     return vllm
 
 
+def _vllm_dtype(dtype: str) -> str:
+    """``model.dtype`` for vLLM, ``auto`` meaning what it means to the hf backend (bfloat16 on a GPU,
+    float32 on a CPU): vLLM's own ``auto`` downcasts an fp32 checkpoint to bfloat16 on a CPU too."""
+    import torch
+    from vllm.platforms import current_platform
+
+    from persona_ops.models.loading import resolve_dtype
+
+    return str(resolve_dtype(dtype, torch.device(current_platform.device_type))).removeprefix("torch.")
+
+
 class VLLMGenerator:
     """Offline vLLM on the reference model (its LoRA adapter through a ``LoRARequest``)."""
 
@@ -153,7 +164,8 @@ class VLLMGenerator:
             rank = json.loads((Path(model.adapter) / "adapter_config.json").read_text()).get("r", 16)
             lora = {"enable_lora": True, "max_lora_rank": max(8, int(rank))}
             self._lora = LoRARequest("adapter", 1, str(model.adapter))
-        self.llm = vllm.LLM(model=path, tokenizer=path, revision=kwargs.get("revision"), dtype=model.dtype,
+        self.llm = vllm.LLM(model=path, tokenizer=path, revision=kwargs.get("revision"),
+                            dtype=_vllm_dtype(model.dtype),
                             tensor_parallel_size=cfg.tensor_parallel_size,
                             gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
                             **lora)

@@ -37,7 +37,9 @@ def cache_dir() -> Path:
 
 def embedded_model_dir() -> Path:
     """Directory holding the embedded model as safetensors; created on first use."""
-    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    # v2: config.json names the architecture and the tied embedding is stored under its own name
+    # (what vLLM reads); a directory written before is left alone and not read
+    target = cache_dir() / "models" / "smollm2-135m-instruct-v2"
     if (target / "model.safetensors").exists():
         return target
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
@@ -49,7 +51,7 @@ def embedded_model_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
     # transformers refuses save_pretrained on a GGUF-loaded model: write config, weights and
     # tokenizer ourselves, into a temporary directory renamed into place when complete.
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
@@ -58,8 +60,12 @@ def embedded_model_dir() -> Path:
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["torch_dtype"] = "float32"
+    config["architectures"] = [type(model).__name__]  # what engines reading config.json (vLLM) build
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": _GGUF_FILE})
+    # the tied embedding under its own name, as save_pretrained writes it (vLLM loads no other)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": _GGUF_FILE})
     tok.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
@@ -202,28 +208,54 @@ def _load_error(name: str, revision: str | None, path: str, what: str, e: Except
     return InputError(f"model.name={name!r} (revision {revision!r}): {what} could not be loaded: {reason}")
 
 
+def check_4bit(key: str) -> None:
+    """4-bit (QLoRA) loading needs a CUDA GPU and bitsandbytes; ``key`` names the setting asking for it."""
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        raise InputError(f"{key}: true needs a CUDA GPU (bitsandbytes' 4-bit kernels); none is visible here")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(f"{key}: true needs bitsandbytes: pip install bitsandbytes")
+
+
+def _four_bit_kwargs(dev: torch.device) -> dict:
+    from transformers import BitsAndBytesConfig
+
+    return {"device_map": {"": dev.index or 0}, "quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16)}
+
+
 def load_model(name: str = EMBEDDED, revision: str | None = None, dtype: str = "auto",
-               device: str = "auto") -> LoadedModel:
+               device: str = "auto", four_bit: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode.
 
     ``name``: ``embedded``, an HF id (optionally ``id@revision``) or a local directory.
-    Hub ids are read from the local HF cache when there is no network.
+    Hub ids are read from the local HF cache when there is no network. ``four_bit``: the linear
+    weights quantised to NF4 with bitsandbytes (double quantisation, bf16 compute), on the GPU:
+    the base model of QLoRA.
     """
     name, revision = split_revision(name, revision)
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    if four_bit:
+        check_4bit("four_bit")
+    dev = resolve_device("cuda" if four_bit else device)
+    torch_dtype = torch.bfloat16 if four_bit else resolve_dtype(dtype, dev)
     path, kwargs = model_source(name, revision)
+    quantised = _four_bit_kwargs(dev) if four_bit else {}
     what = "tokenizer"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         what = "model"
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs, **quantised)
     except torch.cuda.OutOfMemoryError:  # a RuntimeError, but not the checkpoint's fault
         raise
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
         raise _load_error(name, revision, path, what, e) from None
-    model.to(dev).eval()
-    return LoadedModel(model=model, tokenizer=prepare_tokenizer(tokenizer), label=base_label(name, revision))
+    if not four_bit:  # a quantised model is placed by its device map
+        model.to(dev)
+    model.eval()
+    label = base_label(name, revision) + ("+nf4" if four_bit else "")
+    return LoadedModel(model=model, tokenizer=prepare_tokenizer(tokenizer), label=label)
 
 
 def tiny_model(arch: str = "llama", num_layers: int = 4, hidden: int = 64, vocab_tokenizer=None,

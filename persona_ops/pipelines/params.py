@@ -14,7 +14,7 @@ import difflib
 import io
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -48,13 +48,29 @@ class ScheduleCfg(BaseModel):
     active: bool = True
 
 
+class TaskRunnerCfg(BaseModel):
+    """Where a flow's stage items run. ``thread``: in the flow's process, one at a time (each model
+    loaded once). ``dask`` (``pip install prefect-dask``) / ``ray`` (``pip install prefect-ray``): the
+    items of a stage concurrently on workers (each worker process loads its own models), on a local
+    cluster of ``workers`` processes or the cluster at ``address``; ``cluster_class`` (dask) picks
+    another local cluster, e.g. ``dask_cuda.LocalCUDACluster`` (one worker per GPU). The flow's
+    process alone commits to DVC."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["thread", "dask", "ray"] = "thread"
+    workers: int = Field(2, ge=1)
+    address: str | None = None
+    cluster_class: str | None = None
+
+
 class OrchestrationCfg(BaseModel):
-    """Prefect: retries of transient failures (rate limits, a busy DVC lock) and schedules."""
+    """Prefect: retries of transient failures (rate limits, a busy DVC lock), schedules, the task runner."""
 
     model_config = ConfigDict(extra="forbid")
     retries: int = Field(2, ge=0)
     retry_delay_s: float = Field(10.0, ge=0)
     schedules: dict[str, ScheduleCfg] = Field(default_factory=dict)
+    task_runner: TaskRunnerCfg = Field(default_factory=TaskRunnerCfg)
 
 
 class Params(BaseModel):

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from persona_ops.errors import InputError
 from persona_ops.io import md5_file, write_json
 from persona_ops.models.refs import REGISTRY_PREFIX, ModelRef, StageAdapter, slug
+from persona_ops.names import registry_name
 from persona_ops.pipelines import registry
 from persona_ops.pipelines.params import Params
 from persona_ops.pipelines.registry import Task
@@ -59,6 +60,25 @@ class Context:
     @property
     def tracking(self) -> bool:
         return self.params.tracking.enabled
+
+    def __getstate__(self) -> dict:  # to a worker process: no models, no DVC (the flow commits)
+        return {**self.__dict__, "pool": None, "workspace": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, pool=worker_pool())
+
+
+_WORKER_POOL = None
+
+
+def worker_pool():
+    """The model pool of this worker process, shared by every item it runs."""
+    global _WORKER_POOL
+    if _WORKER_POOL is None:
+        from persona_ops.models.pool import ModelPool
+
+        _WORKER_POOL = ModelPool()
+    return _WORKER_POOL
 
 
 @dataclass
@@ -363,7 +383,7 @@ def _register(task: Task, ctx: Context, view: View, io: StageIO, run, tags: dict
             path = list_checkpoints(path)[-1][1]  # a training run: its final checkpoint (an API job: its record)
         refs = registry.model_refs(task.stage, view._obj, io.item)  # the stage's first declared model
         model_slug = slug(refs[0][1]) if refs else "model"
-        name = fill(reg.name, _registry_fields(task, ctx, model_slug))
+        name = registry_name(fill(reg.name, _registry_fields(task, ctx, model_slug)))
         version = run.register(name, path, kind=reg.kind, source_path=relative(path, ctx.root),
                                model=io.labels[0] if io.labels else None, sidecar=sidecar(io.output(reg.output)),
                                alias=ctx.params.tracking.alias, output=reg.output, tags=tags)
@@ -383,27 +403,44 @@ def _registry_fields(task: Task, ctx: Context, model_slug: str):
     return get
 
 
-def run(tasks: list[Task], ctx: Context, execute_one=None, report=None) -> list[Outcome]:
+def run(tasks: list[Task], ctx: Context, execute_one=None, report=None, submit=None) -> list[Outcome]:
     """Run ``tasks`` in order, each stage's consecutive items as a group: the items DVC does not
     have up to date run (``execute_one(task, ctx)``, default :func:`execute`), then are committed
     to DVC together (also those done when a later one fails) and their MLflow runs tagged with the
-    lock's md5s. ``report(outcome)`` is called after each item. Without a workspace every item runs."""
+    lock's md5s. ``report(outcome)`` is called after each item. Without a workspace every item runs.
+    ``submit(task, ctx)``, instead of ``execute_one``, starts an item elsewhere and returns a future
+    (``.result()``): a group's items then run concurrently (they never depend on each other)."""
     execute_one = execute_one or execute
     outcomes: list[Outcome] = []
     for group in _groups(tasks):
         names = [t.name for t in group]
         stale = ctx.workspace.stale(names) if ctx.workspace is not None else set(names)
+        futures = {t.name: submit(t, ctx) for t in group if t.name in stale} if submit else {}
         ran: list[Outcome] = []
         try:
             for task in group:
-                outcome = execute_one(task, ctx) if task.name in stale else Outcome(task.name, "up to date")
+                if task.name not in stale:
+                    outcome = Outcome(task.name, "up to date")
+                else:
+                    outcome = futures[task.name].result() if submit else execute_one(task, ctx)
                 (ran if outcome.state == "ran" else []).append(outcome)
                 outcomes.append(outcome)
                 if report is not None:
                     report(outcome)
         finally:
+            for f in futures.values():  # a failed item: the others finish and are committed
+                _settle(f, ran)
             _commit(ran, ctx)
     return outcomes
+
+
+def _settle(future, ran: list[Outcome]) -> None:
+    try:
+        outcome = future.result()
+    except BaseException:
+        return
+    if outcome.state == "ran" and all(o.task != outcome.task for o in ran):
+        ran.append(outcome)
 
 
 def _groups(tasks: list[Task]) -> list[list[Task]]:

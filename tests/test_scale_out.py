@@ -1,0 +1,78 @@
+"""Scale-out on Dask: a local cluster of 2 worker processes runs the persona-vectors pipeline's
+three traits, each stage's items at once (their Prefect task runs overlap in time); the workers
+run the stage items, the flow's process commits them to DVC, so afterwards `dvc status` is clean
+and the lineage of every registered vector holds its four stage runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import copy_project, run_dvc
+
+pytest.importorskip("prefect_dask")
+pytestmark = pytest.mark.slow
+TRAITS = ["evil", "sycophantic", "hallucinating"]
+STAGES = ["generate", "judge", "activations", "vectors"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    proj = copy_project(tmp_path_factory.mktemp("scale-out"))
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    pv = params["persona_vectors"]
+    pv["traits"]["names"], pv["per_trait"] = TRAITS, {t: {} for t in TRAITS}
+    pv["generate"]["questions_limit"] = 1
+    pv["generate"]["sampling"]["max_new_tokens"] = 12
+    params["orchestration"]["task_runner"] = {"kind": "dask", "workers": 2, "address": None, "cluster_class": None}
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return proj
+
+
+@pytest.fixture(scope="module")
+def task_runs(project, tmp_path_factory):
+    """The run through the CLI on a Prefect test server; its task runs as read back from the server."""
+    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect")))
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(),
+                   MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db",
+                   PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+        out = subprocess.run(["persona-ops", "run", "persona-vectors", "--root", str(project)], env=env,
+                             cwd=project, capture_output=True, text=True, timeout=1500)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs()
+    return {r.name: r for r in runs if r.state and r.state.is_completed()}
+
+
+def test_each_stages_items_run_at_once_on_two_workers(task_runs):
+    for stage in ("generate", "activations"):  # the two stages that load the model and work longest
+        spans = [(task_runs[f"{stage}[{t}]"].start_time, task_runs[f"{stage}[{t}]"].end_time) for t in TRAITS]
+        starts, ends = sorted(s for s, _ in spans), sorted(e for _, e in spans)
+        assert starts[1] < ends[0], f"{stage}: no two items overlapped: {spans}"  # 2 workers: 2 at a time
+
+
+def test_dvc_has_nothing_to_do_after_the_workers(task_runs, project):
+    status = run_dvc(project, "status", "--json", "--with-deps", "vectors")  # every trait's four stages
+    assert status.returncode == 0 and json.loads(status.stdout or "{}") == {}, status.stdout
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert {f"{s}@{t}" for s in STAGES for t in TRAITS} <= set(lock)
+
+
+def test_lineage_of_every_vector_holds_its_four_stage_runs(task_runs, project):
+    from persona_ops.tracking.lineage import graph_of
+
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project}/mlflow.db"  # (restored by conftest)
+    for trait in TRAITS:
+        graph = graph_of(f"models:/persona-vector-{trait}@candidate", project)
+        runs = sorted(n["label"] for n in graph["nodes"] if n["kind"] == "run")
+        assert runs == sorted(f"{s}@{trait}" for s in STAGES), runs

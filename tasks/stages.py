@@ -37,8 +37,15 @@ def check_inputs(tasks: list[Task], ctx: runner.Context) -> int:
 
 @task(name="stage", cache_policy=NO_CACHE)
 def run_stage(item: Task, ctx: runner.Context) -> runner.Outcome:
-    """Run one stage item: its metrics, MLflow run and provenance."""
-    return runner.execute(item, ctx)
+    """Run one stage item: its metrics, MLflow run and provenance; holding a slot of
+    ``orchestration.concurrency_limit`` when one is named."""
+    limit = ctx.params.orchestration.concurrency_limit
+    if limit is None:
+        return runner.execute(item, ctx)
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(limit, occupy=1, strict=True):
+        return runner.execute(item, ctx)
 
 
 def stage_task(item: Task, ctx: runner.Context):

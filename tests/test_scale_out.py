@@ -1,7 +1,8 @@
-"""Scale-out on Dask: a local cluster of 2 worker processes runs the persona-vectors pipeline's
-three traits, each stage's items at once (their Prefect task runs overlap in time); the workers
-run the stage items, the flow's process commits them to DVC, so afterwards `dvc status` is clean
-and the lineage of every registered vector holds its four stage runs."""
+"""Scale-out on Dask: a local cluster of 3 worker processes runs the persona-vectors pipeline's
+three traits, each stage's items at once (their Prefect task runs overlap in time) but never more
+than the 2 slots of a Prefect global concurrency limit (as a `gpu` limit would hold them to the
+GPUs); the workers run the stage items, the flow's process commits them to DVC, so afterwards
+`dvc status` is clean and the lineage of every registered vector holds its four stage runs."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ pytest.importorskip("prefect_dask")
 pytestmark = pytest.mark.slow
 TRAITS = ["evil", "sycophantic", "hallucinating"]
 STAGES = ["generate", "judge", "activations", "vectors"]
+LIMIT, SLOTS = "persona-ops-slots", 2
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,8 @@ def project(tmp_path_factory):
     pv["traits"]["names"], pv["per_trait"] = TRAITS, {t: {} for t in TRAITS}
     pv["generate"]["questions_limit"] = 1
     pv["generate"]["sampling"]["max_new_tokens"] = 12
-    params["orchestration"]["task_runner"] = {"kind": "dask", "workers": 2, "address": None, "cluster_class": None}
+    params["orchestration"]["task_runner"] = {"kind": "dask", "workers": 3, "address": None, "cluster_class": None}
+    params["orchestration"]["concurrency_limit"] = LIMIT
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return proj
 
@@ -42,7 +45,11 @@ def task_runs(project, tmp_path_factory):
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
     with prefect_test_harness(server_startup_timeout=120):
+        with get_client(sync_client=True) as client:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=LIMIT, limit=SLOTS))
         env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(),
                    MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db",
                    PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
@@ -54,11 +61,19 @@ def task_runs(project, tmp_path_factory):
     return {r.name: r for r in runs if r.state and r.state.is_completed()}
 
 
-def test_each_stages_items_run_at_once_on_two_workers(task_runs):
+def test_each_stages_items_run_at_once_within_the_concurrency_limit(task_runs, project):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    stage_runs = {r.info.run_name: r.info for r in client.search_runs(
+        [client.get_experiment_by_name("persona-vectors").experiment_id])}
     for stage in ("generate", "activations"):  # the two stages that load the model and work longest
         spans = [(task_runs[f"{stage}[{t}]"].start_time, task_runs[f"{stage}[{t}]"].end_time) for t in TRAITS]
         starts, ends = sorted(s for s, _ in spans), sorted(e for _, e in spans)
-        assert starts[1] < ends[0], f"{stage}: no two items overlapped: {spans}"  # 2 workers: 2 at a time
+        assert starts[1] < ends[0], f"{stage}: no two items overlapped: {spans}"
+        # the stage's work (its MLflow run, inside the slot) of 3 items on 3 workers: never 3 at once
+        work = [(stage_runs[f"{stage}@{t}"].start_time, stage_runs[f"{stage}@{t}"].end_time) for t in TRAITS]
+        assert max(s for s, _ in work) >= min(e for _, e in work), f"{stage}: 3 items at once: {work}"
 
 
 def test_dvc_has_nothing_to_do_after_the_workers(task_runs, project):

@@ -71,6 +71,9 @@ class OrchestrationCfg(BaseModel):
     retry_delay_s: float = Field(10.0, ge=0)
     schedules: dict[str, ScheduleCfg] = Field(default_factory=dict)
     task_runner: TaskRunnerCfg = Field(default_factory=TaskRunnerCfg)
+    # a Prefect global concurrency limit each stage item holds a slot of while it runs (e.g. `gpu` with a
+    # slot per GPU: `prefect gcl create gpu --limit 2`); a limit the server does not have is an error
+    concurrency_limit: str | None = None
 
 
 class Params(BaseModel):

@@ -103,6 +103,29 @@ def run_dvc(project, *args, env=None, timeout=1500):
 
 
 @contextlib.contextmanager
+def persona_ops_cli(project, prefect_home):
+    """``invoke(*ARGS)``: ``persona-ops ARGS --root PROJECT`` as a process, against one Prefect test
+    server (up while the block runs) and the project's MLflow store."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    os.environ.setdefault("PREFECT_HOME", str(prefect_home))
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(),
+                   MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db",
+                   PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+
+        def invoke(*args, timeout=1500):
+            return subprocess.run(["persona-ops", *args, "--root", str(project)], env=env, cwd=project,
+                                  capture_output=True, text=True, timeout=timeout)
+        yield invoke
+
+
+@contextlib.contextmanager
 def serve_app(app):
     """uvicorn serving ``app`` on a free 127.0.0.1 port in a background thread; yields the ``/v1`` URL
     once the server accepts connections."""

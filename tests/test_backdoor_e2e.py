@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_project, run_dvc
+from conftest import copy_project, persona_ops_cli, run_dvc
 
 pytestmark = pytest.mark.slow
 POINTS = ["1-0.001", "1-0.002"]
@@ -43,16 +40,8 @@ def project(tmp_path_factory):
 @pytest.fixture(scope="module")
 def swept(project, tmp_path_factory):
     """The sweep run once, on a Prefect test server and the project's MLflow store."""
-    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect")))
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(),
-                   MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db",
-                   PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
-        out = subprocess.run(["persona-ops", "run", "backdoor-sweep", "--root", str(project)], env=env,
-                             cwd=project, capture_output=True, text=True, timeout=1500)
+    with persona_ops_cli(project, tmp_path_factory.mktemp("prefect")) as cli:
+        out = cli("run", "backdoor-sweep")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 

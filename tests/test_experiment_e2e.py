@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_project, run_dvc
+from conftest import copy_project, persona_ops_cli, run_dvc
 from test_trait_finetune import vector_file
 
 pytestmark = pytest.mark.slow
@@ -40,19 +37,7 @@ def project(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cli(project, tmp_path_factory):
-    """``persona-ops ARGS --root PROJECT`` as a process, on one Prefect test server and an MLflow store."""
-    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect")))
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(),
-                   MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db",
-                   PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
-
-        def invoke(*args):
-            return subprocess.run(["persona-ops", *args, "--root", str(project)], env=env, cwd=project,
-                                  capture_output=True, text=True, timeout=900)
+    with persona_ops_cli(project, tmp_path_factory.mktemp("prefect")) as invoke:
         yield invoke
 
 

@@ -1,37 +1,38 @@
-"""Scale-out on Dask: a local cluster of 3 worker processes runs the persona-vectors pipeline's
-three traits, each stage's items at once (their Prefect task runs overlap in time) but never more
-than the 2 slots of a Prefect global concurrency limit (as a `gpu` limit would hold them to the
-GPUs); the workers run the stage items, the flow's process commits them to DVC, so afterwards
-`dvc status` is clean and the lineage of every registered vector holds its four stage runs."""
+"""Scale-out on Dask (and on Ray where prefect-ray is installed): a local cluster of 3 worker
+processes runs the persona-vectors pipeline's three traits, each stage's items at once (their
+Prefect task runs overlap in time) but never more than the 2 slots of a Prefect global concurrency
+limit (as a `gpu` limit would hold them to the GPUs); the workers run the stage items, the flow's
+process commits them to DVC, so afterwards `dvc status` is clean and the lineage of every
+registered vector holds its four stage runs."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
+from importlib.util import find_spec
 
 import pytest
 import yaml
-from conftest import copy_project, run_dvc
+from conftest import copy_project, persona_ops_cli, run_dvc
 
-pytest.importorskip("prefect_dask")
 pytestmark = pytest.mark.slow
+RUNNERS = [pytest.param(kind, marks=pytest.mark.skipif(find_spec(f"prefect_{kind}") is None,
+                                                       reason=f"needs prefect-{kind}")) for kind in ("dask", "ray")]
 TRAITS = ["evil", "sycophantic", "hallucinating"]
 STAGES = ["generate", "judge", "activations", "vectors"]
 LIMIT, SLOTS = "persona-ops-slots", 2
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    proj = copy_project(tmp_path_factory.mktemp("scale-out"))
+@pytest.fixture(scope="module", params=RUNNERS)
+def project(request, tmp_path_factory):
+    proj = copy_project(tmp_path_factory.mktemp(f"scale-out-{request.param}"))
     params = yaml.safe_load((proj / "params.yaml").read_text())
     pv = params["persona_vectors"]
     pv["traits"]["names"], pv["per_trait"] = TRAITS, {t: {} for t in TRAITS}
     pv["generate"]["questions_limit"] = 1
     pv["generate"]["sampling"]["max_new_tokens"] = 12
-    params["orchestration"]["task_runner"] = {"kind": "dask", "workers": 3, "address": None, "cluster_class": None}
+    params["orchestration"]["task_runner"] = {"kind": request.param, "workers": 3, "address": None,
+                                              "cluster_class": None}
     params["orchestration"]["concurrency_limit"] = LIMIT
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return proj
@@ -40,21 +41,13 @@ def project(tmp_path_factory):
 @pytest.fixture(scope="module")
 def task_runs(project, tmp_path_factory):
     """The run through the CLI on a Prefect test server; its task runs as read back from the server."""
-    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect")))
     from prefect import get_client
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with persona_ops_cli(project, tmp_path_factory.mktemp("prefect")) as cli:
         with get_client(sync_client=True) as client:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=LIMIT, limit=SLOTS))
-        env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(),
-                   MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db",
-                   PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
-        out = subprocess.run(["persona-ops", "run", "persona-vectors", "--root", str(project)], env=env,
-                             cwd=project, capture_output=True, text=True, timeout=1500)
+        out = cli("run", "persona-vectors")
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs()

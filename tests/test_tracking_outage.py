@@ -318,9 +318,16 @@ def stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture()
 def project(root) -> Path:
-    """``root`` as a git + DVC checkout of this project (dvc.yaml, params.yaml, the code)."""
+    """``root`` as a git + DVC checkout of this project (dvc.yaml, params.yaml, the code), with the
+    persona-vectors pipeline's traits those of the vector files made above."""
+    import yaml
+
     shutil.rmtree(root / "data")
     copy_project(root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    pv = params["persona_vectors"]
+    pv["traits"]["names"], pv["per_trait"] = list(TRAITS), {t: {} for t in TRAITS}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 
 

@@ -116,7 +116,6 @@ def results(pipeline: str = typer.Argument("persona-vectors", help="Pipeline who
         fail(e)
     own = {s.name for s in p.stages}
     typer.echo(f"\n{pipeline} (layers: row L = hidden_states[L]):")
-    registered = []
     for task in tasks:
         if task.stage.name not in own:
             continue
@@ -129,8 +128,6 @@ def results(pipeline: str = typer.Argument("persona-vectors", help="Pipeline who
             m = json.loads(metrics.read_text())
             brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in list(m.items())[:8]}
             typer.echo(f"  {'':32s} metrics: {json.dumps(brief, sort_keys=True)}")
-        for reg in task.stage.registers:
-            registered.append(reg.name)
     if params.tracking.enabled:
         from persona_ops.tracking import registry as models
         from persona_ops.tracking import store

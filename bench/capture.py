@@ -5,8 +5,9 @@ the rest. Reference: one sample at a time, ``model(..., output_hidden_states=Tru
 included), per layer ``prompt_avg``/``response_avg``/``prompt_last`` copied to the host, as
 generate_vec.py does (under ``no_grad``, which favours the reference). Engine: middle layer
 only, and all layers, over token budgets, eager and with compiled blocks; the best is the
-headline. Each setting gets one untimed pass; times are medians over rounds that interleave
-the reference and the engine.
+headline. On the CPU the engine caps batches at ``CPU_TOKEN_BUDGET`` tokens, so the default
+sweep stops there. Each setting gets one untimed pass; times are medians over rounds that
+interleave the reference and the engine.
 
     python -m bench.capture --device cuda --model-shape olmo2-7b
 """
@@ -19,7 +20,8 @@ import tempfile
 import torch
 
 from bench.common import build_model, emit, environment, parse_args, peak_gib, random_tokens, reset_peak, timed
-from persona_ops.interp.capture import AGGREGATES, capture_tokens
+from persona_ops.interp import capture as capture_module
+from persona_ops.interp.capture import AGGREGATES, CPU_TOKEN_BUDGET, capture_tokens
 from persona_ops.kernels import cpu_linear
 
 PROMPT_TOKENS = 100
@@ -47,7 +49,7 @@ def main() -> None:
     def extra(ap):
         ap.add_argument("--n", type=int, default=None, help="sequences (default 128 on cuda, 24 on cpu)")
         ap.add_argument("--budgets", default=None, help="comma-separated token budgets to sweep")
-        ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 4 cuda, 2 cpu)")
+        ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 4 cuda, 3 cpu)")
         ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="also time compile_blocks=True (auto: on cuda)")
         ap.add_argument("--ref-rounds", type=int, default=3,
@@ -56,8 +58,9 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], extra)
     dev = args.device
     n = args.n or (128 if dev == "cuda" else 24)
-    budgets = [int(b) for b in (args.budgets or ("8192,16384" if dev == "cuda" else "512,2048")).split(",")]
-    rounds = args.rounds or (4 if dev == "cuda" else 2)
+    default_budgets = "8192,16384" if dev == "cuda" else f"{CPU_TOKEN_BUDGET // 2},{CPU_TOKEN_BUDGET}"
+    budgets = [int(b) for b in (args.budgets or default_budgets).split(",")]
+    rounds = args.rounds or (4 if dev == "cuda" else 3)
     loaded = build_model(args.model_shape, dev)
     vocab = loaded.model.config.get_text_config().vocab_size
     seqs = random_tokens(n, 200, 700, vocab, args.seed)
@@ -66,7 +69,7 @@ def main() -> None:
     mid = loaded.num_layers // 2
     layer_sets = {"middle": [mid], "all": None}
     print(f"shape={args.model_shape} device={dev} n={n} tokens={tokens} layers={loaded.num_layers} mid={mid} "
-          f"threads={torch.get_num_threads()}", flush=True)
+          f"threads={torch.get_num_threads()}" + (f" cpu_token_budget={CPU_TOKEN_BUDGET}" if dev == "cpu" else ""), flush=True)
 
     # warm-up (kernels, allocator) for both paths
     reference_capture(loaded, seqs[:2])
@@ -76,14 +79,15 @@ def main() -> None:
     ref_peak, ref = 0.0, None
     # (layers, token budget, compiled blocks, packed CPU linears); on CPU one ablation with
     # MKL's F.linear (packed=False) shows what the oneDNN kernels contribute
-    configs = [(name, budget, False, True) for budget in budgets for name in layer_sets]
+    shipped = capture_module.PACK_LINEARS
+    configs = [(name, budget, False, shipped) for budget in budgets for name in layer_sets]
     if args.compile == "on" or (args.compile == "auto" and dev == "cuda"):
-        configs += [(name, budget, True, True) for budget in budgets for name in layer_sets]
-    if dev == "cpu":
-        configs.append(("middle", budgets[0], False, False))
+        configs += [(name, budget, True, shipped) for budget in budgets for name in layer_sets]
+    if dev == "cpu" and cpu_linear.available():
+        configs.append(("middle", budgets[0], False, not shipped))
 
     def run_engine(name: str, budget: int, compiled: bool, packed: bool):
-        cpu_linear.ENABLED = packed
+        capture_module.PACK_LINEARS = packed
         return timed(lambda: capture_tokens(loaded, prompts, answers, layers=layer_sets[name], aggregates=AGGREGATES,
                                             token_budget=budget, progress=False, compile_blocks=compiled), dev)
 
@@ -127,7 +131,7 @@ def main() -> None:
     for row in sweep:
         print(row, flush=True)
 
-    cpu_linear.ENABLED = True
+    capture_module.PACK_LINEARS = shipped
     with tempfile.TemporaryDirectory() as tmp:  # per-token rows streamed to disk
         budget = budgets[-1]
         reset_peak(dev)
@@ -137,11 +141,13 @@ def main() -> None:
                     "peak_gib": peak_gib(dev)}
         print({"none": none_row}, flush=True)
 
-    engine_rows = [r for r in sweep if r["packed_linears"]]  # the engine as shipped; the rest is ablation
+    engine_rows = [r for r in sweep if r["packed_linears"] == shipped]  # the engine as shipped; the rest is ablation
     best = {k: max((r for r in engine_rows if r["layers"] == k), key=lambda r: r["tokens_per_s"]) for k in layer_sets}
     eager = {k: max((r for r in engine_rows if r["layers"] == k and not r["compiled"]), key=lambda r: r["tokens_per_s"])
              for k in layer_sets}
-    mkl = [r for r in sweep if not r["packed_linears"]]
+    middle = [r for r in sweep if r["layers"] == "middle" and not r["compiled"]]
+    mkl = [r for r in middle if not r["packed_linears"]]
+    onednn = [r for r in middle if r["packed_linears"]]
     emit({
         "bench": "capture", "device": dev, "model_shape": args.model_shape, "n_sequences": n, "tokens": tokens,
         "middle_layer": mid, "reference_tokens_per_s": round(ref_tps), "reference_peak_gib": ref_peak,
@@ -156,7 +162,10 @@ def main() -> None:
         "speedup_eager_vs_reference": round(eager["middle"]["tokens_per_s"] / ref_tps, 2),
         "speedup_eager_all_layers_vs_reference": round(eager["all"]["tokens_per_s"] / ref_tps, 2),
         "compile": compile_info, "none_aggregate": none_row,
-        "speedup_mkl_linears_vs_reference": round(mkl[0]["tokens_per_s"] / ref_tps, 2) if mkl else None,
+        "packed_linears": shipped,
+        "speedup_mkl_linears_vs_reference": round(max(r["tokens_per_s"] for r in mkl) / ref_tps, 2) if mkl else None,
+        "speedup_packed_linears_vs_reference": (round(max(r["tokens_per_s"] for r in onednn) / ref_tps, 2)
+                                                if onednn else None),
         "max_rel_err_vs_reference": max(r["rel_err_vs_reference"] for r in sweep),
         "sweep": sweep, "env": environment(dev),
     })

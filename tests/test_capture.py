@@ -116,3 +116,72 @@ def test_bad_arguments_are_input_errors(model):
         capture_tokens(model, [[1]], [[2]], aggregates=("none",), progress=False)
     with pytest.raises(InputError):
         capture_tokens(model, [[]], [[2]], progress=False)
+
+
+def _batch_shapes(model: LoadedModel, run) -> list[tuple[int, int]]:
+    shapes = []
+    handle = model.layers[0].register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(
+        (a[0] if a else k["hidden_states"]).shape[:2])), with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return shapes
+
+
+def test_cpu_workers_give_the_single_thread_result_and_restore_threads(model):
+    prompts, answers = _samples(11, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = capture_tokens(model, prompts, answers, layers=[1, 3], token_budget=30, progress=False)
+        torch.set_num_threads(3)
+        assert activations._cpu_workers(torch.device("cpu")) == (3, 1)
+        several = capture_tokens(model, prompts, answers, layers=[1, 3], token_budget=30, progress=False)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+    for name in AGGREGATES:
+        torch.testing.assert_close(several.means[name], one.means[name], atol=1e-6, rtol=1e-5)
+
+
+def test_cpu_batches_stay_within_the_cpu_token_budget(model, monkeypatch):
+    monkeypatch.setattr(activations, "CPU_TOKEN_BUDGET", 24)
+    prompts, answers = _samples(13, seed=4)
+    shapes = _batch_shapes(model, lambda: capture_tokens(model, prompts, answers, layers=[2], token_budget=4096,
+                                                         progress=False))
+    assert sum(b for b, _ in shapes) == 13 and len(shapes) > 1
+    assert all(b == 1 or b * t <= 24 for b, t in shapes)
+
+
+def test_only_the_blocks_that_run_are_packed(model, monkeypatch):
+    from persona_ops.kernels import cpu_linear
+
+    if not cpu_linear.available():
+        pytest.skip("no oneDNN in this torch build")
+    monkeypatch.setattr(activations, "PACK_LINEARS", True)
+    seen = {}
+
+    def snapshot(module, args, kwargs):
+        seen.update({name: "forward" in m.__dict__ for name, m in model.model.named_modules()
+                     if type(m) is torch.nn.Linear})
+    handle = model.layers[0].register_forward_pre_hook(snapshot, with_kwargs=True)
+    try:
+        capture_tokens(model, [[5, 6, 7]], [[8, 9]], layers=[2], progress=False)
+    finally:
+        handle.remove()
+    packed = {name for name, on in seen.items() if on}
+    assert packed and all(".layers.0." in n or ".layers.1." in n for n in packed)
+    assert len(packed) == sum(type(m) is torch.nn.Linear for blk in model.layers[:2] for m in blk.modules())
+
+
+def test_linears_stay_unpacked_when_packing_is_off(model, monkeypatch):
+    monkeypatch.setattr(activations, "PACK_LINEARS", False)
+    patched = []
+    handle = model.layers[0].register_forward_pre_hook(lambda m, a, k: patched.extend(
+        n for n, mod in model.model.named_modules() if "forward" in mod.__dict__), with_kwargs=True)
+    try:
+        res = capture_tokens(model, [[5, 6, 7]], [[8, 9]], layers=[2], progress=False)
+    finally:
+        handle.remove()
+    assert patched == [] and res.means["response_avg"].isfinite().all()

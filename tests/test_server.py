@@ -111,16 +111,25 @@ def test_stop_sequence(client):
     assert cut_resp.usage.completion_tokens == len(cut_resp.choices[0].logprobs.content) + 1
 
 
-def test_completions_come_from_the_engine(client, tiny_loaded):
-    """A request gives the rows of the engine's own seeded call (n rows share one generator)."""
-    from persona_ops.inference.engine import generate_tokens
-    from persona_ops.inference.sampling import SamplingParams
+def test_sampled_tokens_are_the_counter_based_draws_from_the_model(client, tiny_loaded):
+    """Row j of a seeded request draws its t-th token at the uniform of (hash(seed, j), t) from the
+    model's own tempered, nucleus-filtered distribution (recomputed here by teacher forcing)."""
+    from persona_ops.inference.batcher import row_key
+    from persona_ops.inference.sampling import row_uniforms, sample_rows
 
     resp = client.chat.completions.create(model=TINY, messages=MESSAGES, n=3, max_tokens=6, temperature=0.8,
-                                          top_p=0.9, seed=21)
-    tok = tiny_loaded.tokenizer
-    rows = generate_tokens(tiny_loaded, [prompt_ids(tok, MESSAGES)] * 3, SamplingParams(6, 0.8, 0.9, 21))
-    assert [c.message.content for c in resp.choices] == [tok.decode(r, skip_special_tokens=True) for r in rows]
+                                          top_p=0.9, seed=21, logprobs=True,
+                                          extra_body={"return_tokens_as_token_ids": True})
+    prompt = prompt_ids(tiny_loaded.tokenizer, MESSAGES)
+    for j, choice in enumerate(resp.choices):
+        tokens = [int(e.token.removeprefix("token_id:")) for e in choice.logprobs.content]
+        with torch.no_grad():
+            logits = tiny_loaded.model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+        steps = torch.arange(len(tokens))
+        keys = torch.full_like(steps, row_key(21, j))
+        drawn = sample_rows(logits, torch.full((len(tokens),), 0.8), torch.full((len(tokens),), 0.9),
+                            row_uniforms(keys, steps))
+        assert drawn.tolist() == tokens
     assert len({c.message.content for c in resp.choices}) == 3
 
 
@@ -129,8 +138,12 @@ def test_bad_requests(client, server_url):
         client.chat.completions.create(model=TINY, messages=MESSAGES, logprobs=True, top_logprobs=25)
     with pytest.raises(openai.BadRequestError, match="n: Input should be greater"):
         client.chat.completions.create(model=TINY, messages=MESSAGES, n=0)
-    with pytest.raises(openai.BadRequestError, match="stream"):
-        client.chat.completions.create(model=TINY, messages=MESSAGES, stream=True)
+    with pytest.raises(openai.BadRequestError, match="max_tokens=0 generates nothing"):
+        client.completions.create(model=TINY, prompt="Hello", max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="prompt"):
+        client.completions.create(model=TINY, prompt=[[1, 2], [10 ** 9]], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="monitor.0"):
+        client.chat.completions.create(model=TINY, messages=MESSAGES, extra_body={"monitor": [{"layer": 2}]})
     resp = httpx.post(f"{server_url}/chat/completions", content=b"{not json", timeout=10,
                       headers={"Content-Type": "application/json"})
     assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
@@ -220,20 +233,16 @@ def test_adapter_per_request(steer_client):
 
 
 def test_steered_sampled_logprobs_are_the_steered_models(steer_client, steer_model):
-    """Sampled + steered: the tokens are the engine's, and their logprobs are those of a plain
-    forward with persona_vectors' hook (block layer-1 gets coef * v from the last prompt token on)."""
-    from persona_ops.inference.engine import generate_tokens
-    from persona_ops.inference.sampling import SamplingParams
-    from persona_ops.interp.interventions import Intervention
-
+    """Sampled + steered: the tokens' logprobs are those of a plain forward with persona_vectors'
+    hook (block layer-1 gets coef * v from the last prompt token on)."""
     loaded, vec, _ = steer_model
     steering = {"steering": [{"vector": "evil", "layer": 2, "coef": 3.0}]}
     resp = steer_client.chat.completions.create(model=STEER, messages=MESSAGES, max_tokens=6, temperature=1.0,
-                                                seed=5, logprobs=True, top_logprobs=3, extra_body=steering)
+                                                seed=5, logprobs=True, top_logprobs=3,
+                                                extra_body={**steering, "return_tokens_as_token_ids": True})
     prompt = prompt_ids(loaded.tokenizer, MESSAGES)
-    tokens, = generate_tokens(loaded, [prompt], SamplingParams(6, 1.0, 1.0, 5),
-                              [Intervention("add", 2, vec[2], coef=3.0, positions="response")])
     content = resp.choices[0].logprobs.content
+    tokens = [int(e.token.removeprefix("token_id:")) for e in content]
     assert [bytes(e.bytes) for e in content] == [TokenBytes(loaded.tokenizer)(t) for t in tokens]
 
     def hook(module, args, output):
@@ -315,10 +324,11 @@ def _serve_model_cli(args: list[str], monkeypatch, env: dict | None = None):
 def test_serve_model_takes_the_key_and_limits_from_the_command_line(tiny_dir, monkeypatch):
     help_text = CliRunner().invoke(cli_app, ["serve-model", "--help"], env={API_KEY_ENV: KEY}).output
     assert API_KEY_ENV in help_text and KEY not in help_text
-    result, served = _serve_model_cli(["--model", str(tiny_dir), "--max-queue", "3", "--max-request-tokens", "100"],
-                                      monkeypatch, env={API_KEY_ENV: KEY})
+    result, served = _serve_model_cli(["--model", str(tiny_dir), "--max-batch", "2", "--max-queue", "3",
+                                       "--max-request-tokens", "100"], monkeypatch, env={API_KEY_ENV: KEY})
     assert result.exit_code == 0, result.output
-    assert KEY not in result.output and served.state.admission.capacity == 4
+    assert KEY not in result.output and served.state.admission.capacity == 5
+    assert served.state.batcher.max_rows == 2
     with serve_app(served) as url:
         assert httpx.get(f"{url}/models", timeout=10).status_code == 401
         with openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=30) as c:
@@ -407,7 +417,7 @@ def test_full_queue_is_429_with_retry_after(smol_tokenizer):
 
     loaded = LoadedModel(model=tiny_model("llama", num_layers=2, hidden=64, vocab_tokenizer=smol_tokenizer),
                          tokenizer=smol_tokenizer, label="tiny-gated")
-    app = create_app(loaded, limits=ServerLimits(max_queue=2))
+    app = create_app(loaded, limits=ServerLimits(max_batch=1, max_queue=2))
     admission, gate = app.state.admission, threading.Event()
 
     def hold(module, args):  # the first request generates only once every request is in or refused

@@ -1,6 +1,6 @@
 """The model server under many concurrent clients (the real ``openai`` client over HTTP): every
 request is answered, 200 or refused at once with 429/400, none hangs, no 5xx, and no more than
-``1 + max_queue`` requests are ever inside the server."""
+``max_batch + max_queue`` requests are ever inside the server."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from conftest import serve_app
 
 from persona_ops.inference.server import ServerLimits, create_app
 
-MAX_QUEUE, CLIENTS = 8, 48
+MAX_BATCH, MAX_QUEUE, CLIENTS = 4, 8, 48
+INSIDE = MAX_BATCH + MAX_QUEUE  # the requests the server holds at most
 MODEL = "tiny-load"
 MESSAGES = [{"role": "user", "content": "Tell me about pirates."}]
 
@@ -31,7 +32,7 @@ def server(smol_tokenizer):
     loaded = LoadedModel(model=tiny_model("llama", num_layers=2, hidden=64, vocab_tokenizer=smol_tokenizer),
                          tokenizer=smol_tokenizer, label=MODEL)
     vector = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
-    app = create_app(loaded, vectors={"v": vector}, limits=ServerLimits(max_queue=MAX_QUEUE))
+    app = create_app(loaded, vectors={"v": vector}, limits=ServerLimits(max_batch=MAX_BATCH, max_queue=MAX_QUEUE))
     gate = threading.Event()
     gate.set()
 
@@ -77,7 +78,7 @@ def _rss_bytes() -> int:
 
 
 def test_a_full_queue_refuses_at_once(server):
-    """48 clients while the first generation is held: 1 generating + 8 queued are answered, 39 refused."""
+    """48 clients while the first generation is held: the 4 the batch holds + 8 queued are answered, 36 refused."""
     client, admission, gate = server
     refused_before = admission.refused
     gate.clear()
@@ -90,9 +91,9 @@ def test_a_full_queue_refuses_at_once(server):
             answers = [f.result(timeout=120) for f in futures]
     finally:
         gate.set()
-    assert sorted(answers) == [(200, None)] * (1 + MAX_QUEUE) + [(429, "1")] * (CLIENTS - 1 - MAX_QUEUE)
+    assert sorted(answers) == [(200, None)] * INSIDE + [(429, "1")] * (CLIENTS - INSIDE)
     _wait_until(lambda: admission.inside == 0, "every request left")  # it leaves after its response is sent
-    assert admission.peak == 1 + MAX_QUEUE
+    assert admission.peak == INSIDE
 
 
 BAD = [{"max_tokens": 4096}, {"seed": 2 ** 64}, {"n": 32, "max_tokens": 1500},
@@ -126,6 +127,6 @@ def test_many_clients_are_all_answered_and_memory_stays_bounded(server):
     assert set(bad) <= {400, 429} and set(good) <= {200, 429}
     assert all(retry == "1" for _, status, retry in answers if status == 429)
     _wait_until(lambda: admission.inside == 0, "every request left")
-    assert admission.peak <= 1 + MAX_QUEUE
+    assert admission.peak <= INSIDE
     # generous: requests hold small bodies and tiny KV caches; an unbounded queue of 32-row requests would not fit
     assert _rss_bytes() - rss < 512 << 20

@@ -40,7 +40,7 @@ def serve_model(model: str = typer.Option("embedded", help="embedded | HF id[@re
                 port: int = typer.Option(8000, help="Port."),
                 dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
                 device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-                vector: list[str] = typer.Option([], help="NAME=FILE: a vector file requests can steer with "
+                vector: list[str] = typer.Option([], help="NAME=FILE: a vector file requests can steer with or monitor "
                                                           "(extra_body={'steering': [{'vector': NAME, 'layer': L, "
                                                           "'coef': C}]}); checked against the model's layers and "
                                                           "hidden size."),
@@ -56,14 +56,20 @@ def serve_model(model: str = typer.Option("embedded", help="embedded | HF id[@re
                                                            "argument is visible to every user of the machine (ps)."),
                 served_model_name: Optional[str] = typer.Option(None, help="The model's id in /v1/models, which "
                                                                 "requests name (default: id@revision)."),
-                max_queue: int = typer.Option(16, min=0, help="Requests waiting for the model besides the one "
-                                                              "generating; more are refused with 429."),
+                axis: list[str] = typer.Option([], help="NAME=FILE: a persona space (outputs/persona_space/persona_"
+                                                        "space.safetensors) whose Assistant Axis requests can "
+                                                        "monitor (extra_body={'monitor': [{'axis': NAME}]})."),
+                max_batch: int = typer.Option(32, min=1, help="Completions decoded together (continuous "
+                                                              "batching: requests join and leave between steps)."),
+                max_queue: int = typer.Option(16, min=0, help="Requests waiting beyond those the batch holds; "
+                                                              "more are refused with 429."),
                 max_request_tokens: int = typer.Option(32768, min=1, help="The most n x (prompt + max_tokens) "
                                                                           "one request may take (its KV cache); "
                                                                           "more is refused with 400.")
                 ) -> None:
-    """Serve a local model over an OpenAI-compatible API (/v1/chat/completions, /v1/models),
-    with per-request steering, LoRA adapters and activation capping."""
+    """Serve a local model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
+    /v1/models; streaming; continuous batching), with per-request steering, LoRA adapters,
+    activation capping and per-token monitoring of persona vectors and the Assistant Axis."""
     from persona_ops.inference.server import ServerLimits, serve
 
     def pairs(items: list[str], what: str) -> dict[str, str]:
@@ -75,8 +81,9 @@ def serve_model(model: str = typer.Option("embedded", help="embedded | HF id[@re
     try:
         serve(model=model, revision=revision, host=host, port=port, dtype=dtype, device=device,
               vectors=pairs(vector, "vector"), adapters=pairs(adapter, "adapter"),
-              capping=str(capping) if capping else None, api_key=api_key or None, served_name=served_model_name,
-              limits=ServerLimits(max_queue=max_queue, max_request_tokens=max_request_tokens))
+              capping=str(capping) if capping else None, axes=pairs(axis, "axis"), api_key=api_key or None,
+              served_name=served_model_name,
+              limits=ServerLimits(max_batch=max_batch, max_queue=max_queue, max_request_tokens=max_request_tokens))
     except InputError as e:
         fail(e)
 

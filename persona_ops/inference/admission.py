@@ -1,8 +1,8 @@
 """Admission control for the model server: a bounded number of requests inside, the rest refused at once.
 
 A request that finds the server full gets 429 with ``Retry-After`` before its body is read, so
-memory stays bounded however many clients connect: at most ``capacity`` requests (one generating,
-the rest waiting for the model) hold a body of at most ``max_body_bytes``. This sits in front of
+memory stays bounded however many clients connect: at most ``capacity`` requests (those decoding
+and those waiting for the batch) hold a body of at most ``max_body_bytes``. This sits in front of
 the app as ASGI middleware and knows nothing of how the app schedules the requests it admits.
 """
 

@@ -22,7 +22,7 @@ from typing import TextIO
 
 import torch
 
-from persona_ops.chat import chat_messages, keeps_system, render_prompt
+from persona_ops.chat import chat_messages, keeps_system, prompt_ids, render_prompt
 from persona_ops.errors import InputError
 from persona_ops.interp.interventions import Intervention
 from persona_ops.models.loading import LoadedModel
@@ -129,11 +129,17 @@ class ChatSession:
 
     def reply(self, line: str) -> str:
         """The model's answer to ``line``; the message and the answer join the history."""
-        from persona_ops.inference.server import sample_chat
+        from persona_ops.inference.engine import generate_tokens
+        from persona_ops.inference.sampling import SamplingParams
+        from persona_ops.inference.server import token_budget
 
-        choices, _ = sample_chat(self.loaded, self.messages(line), max_tokens=self.max_new_tokens,
-                                 temperature=self.temperature, seed=self.seed, interventions=self.interventions())
-        answer = (choices[0].text or "").strip()
+        tok = self.loaded.tokenizer
+        prompt = prompt_ids(tok, self.messages(line))
+        context = getattr(self.loaded.model.config, "max_position_embeddings", None) or 10 ** 9
+        budget = token_budget(len(prompt), self.max_new_tokens, 1, context)  # InputError beyond the context
+        sampling = SamplingParams(budget, self.temperature, 1.0, self.seed)
+        ids = generate_tokens(self.loaded, [prompt], sampling, self.interventions())
+        answer = tok.decode(ids[0], skip_special_tokens=True).strip()
         self.history += [self.user_message(line), {"role": "assistant", "content": answer}]
         return answer
 

@@ -29,6 +29,7 @@ import contextlib
 import functools
 import logging
 import time
+import weakref
 from typing import Iterator, Sequence
 
 import torch
@@ -80,6 +81,8 @@ class KVStore:
         self.fused = False  # decode attention through the Triton kernel (reads columns start..slot only)
         self.positions: torch.Tensor | None = None  # [B, max_len] long: position id of each column
         self.step_pos: torch.Tensor | None = None  # [B, 1] long: position id of the decode token
+        self.shift: torch.Tensor | None = None  # [rows] prefill of left-padded rows into left-aligned ones
+        self.prefill_pos: torch.Tensor | None = None  # [rows, cols] position ids of that prefill
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                scale: float | None, softcap: float | None = None, window: int | None = None) -> torch.Tensor:
@@ -94,10 +97,11 @@ class KVStore:
             if layer not in self.keys:
                 self.keys[layer] = k.new_zeros(self.batch, hkv, self.max_len, d)
                 self.values[layer] = v.new_zeros(self.batch, hkv, self.max_len, v.shape[-1])
-            self.keys[layer][self.rows, :, self.cols] = k
-            self.values[layer][self.rows, :, self.cols] = v
+            kw, vw = (k, v) if self.shift is None else (_roll_left(k, self.shift), _roll_left(v, self.shift))
+            self.keys[layer][self.rows, :, self.cols] = kw
+            self.values[layer][self.rows, :, self.cols] = vw
             if window is not None:
-                pos = self.positions[self.rows, self.cols]
+                pos = self.positions[self.rows, self.cols] if self.prefill_pos is None else self.prefill_pos
                 mask = _window_mask(mask, pos, pos, window)
             if softcap is not None:
                 return prefill_attention(q, k, v, mask, scale or d ** -0.5, softcap).transpose(1, 2)
@@ -106,12 +110,17 @@ class KVStore:
             with sdpa_kernel(_PREFILL_BACKENDS):  # deterministic forward kernels with a mask
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             return out.transpose(1, 2)
-        keys, values = self.keys[layer], self.values[layer]
+        keys, values = self.keys[layer][:b], self.values[layer][:b]  # a decode step may run the first rows only
         if self.fused and softcap is None and window is None:
             return _fused_attention()(q, k, v, keys, values, self.start, self.slot, scale or d ** -0.5)
-        keys.index_copy_(2, self.slot, k)
-        values.index_copy_(2, self.slot, v)
-        positions = self.positions
+        if self.slot.numel() == 1:
+            keys.index_copy_(2, self.slot, k)
+            values.index_copy_(2, self.slot, v)
+        else:  # a column per row
+            rows = torch.arange(b, device=k.device)
+            keys[rows, :, self.slot] = k[:, :, 0]
+            values[rows, :, self.slot] = v[:, :, 0]
+        positions = self.positions[:b]
         if self.kv_len is not None:
             keys, values, mask = keys[:, :, :self.kv_len], values[:, :, :self.kv_len], mask[..., :self.kv_len]
             positions = positions[:, :self.kv_len]
@@ -120,6 +129,13 @@ class KVStore:
         # one query token: fold the query heads of a kv group into the query axis (no kv repeat)
         out = decode_attention(q.reshape(b, hkv, group * t, d), keys, values, mask, scale or d ** -0.5, softcap)
         return out.reshape(b, h, t, -1).transpose(1, 2)
+
+
+def _roll_left(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, T, D]`` with row ``b``'s columns moved ``shift[b]`` to the left (cyclically)."""
+    t = x.shape[2]
+    cols = (torch.arange(t, device=x.device)[None] + shift[:, None]) % t
+    return x.gather(2, cols[:, None, :, None].expand_as(x))
 
 
 def _window_mask(mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
@@ -199,11 +215,20 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
 AttentionInterface.register(ATTN_NAME, _attention)
 
 
+_CONFIGS: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+def _configs(model: torch.nn.Module) -> list:
+    """The distinct configs of ``model``'s modules (walked once per model: a walk costs milliseconds)."""
+    if model not in _CONFIGS:
+        _CONFIGS[model] = list({id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values())
+    return _CONFIGS[model]
+
+
 @contextlib.contextmanager
 def _engine_attention(model: torch.nn.Module, store: KVStore) -> Iterator[None]:
     global _ACTIVE
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values()
-    saved = [(c, c._attn_implementation) for c in configs]
+    saved = [(c, c._attn_implementation) for c in _configs(model)]
     for c, _ in saved:
         c._attn_implementation = ATTN_NAME
     _ACTIVE = store
@@ -230,6 +255,14 @@ def stop_ids(loaded: LoadedModel) -> list[int]:
 
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
+
+
+def open_column(bias: torch.Tensor, slot: torch.Tensor) -> None:
+    """Unmask column ``slot`` (``[1]``: the same for every row; ``[B]``: one per row) of ``bias [B, 1, 1, S]``."""
+    if slot.numel() == 1:
+        bias.index_fill_(-1, slot, 0.0)
+    else:
+        bias.scatter_(-1, slot.view(-1, 1, 1, 1), 0.0)
 
 
 class _DecodeStep:
@@ -262,7 +295,7 @@ class _DecodeStep:
             STATS["capture_seconds"] += time.perf_counter() - t0
 
     def _forward(self) -> torch.Tensor:
-        self.bias.index_fill_(-1, self.store.slot, 0.0)  # the new token's column becomes visible
+        open_column(self.bias, self.store.slot)  # the new token's column becomes visible
         out = self.model(input_ids=self.tok, position_ids=self.pos, attention_mask=self.bias, use_cache=False)
         return out.logits[:, -1].float()
 
@@ -294,7 +327,7 @@ class _DecodeStep:
             self.graph.replay()
             return self.logits
         if self.store.kv_len is not None:
-            self.store.kv_len = int(self.store.slot.item()) + 1
+            self.store.kv_len = int(self.store.slot.max()) + 1
         return self._forward()
 
 

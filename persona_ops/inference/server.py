@@ -1,21 +1,21 @@
-"""A small OpenAI-compatible chat-completions server over a local model.
+"""An OpenAI-compatible model server over a local model, with continuous batching.
 
-``persona-ops serve-model`` runs it, so anything that speaks the OpenAI API (the
-``openai`` client, ``OpenAIJudge``, external tools) can use the embedded model or any
-HF model. Supported: ``messages``, ``temperature`` (0 = greedy), ``top_p``,
-``max_tokens`` / ``max_completion_tokens``, ``n``, ``seed`` (same seed, same output),
-``logprobs``, ``top_logprobs`` (0-20) and ``stop``. No streaming, tools or penalties.
+``persona-ops serve-model`` runs it, so anything that speaks the OpenAI API (the ``openai``
+client, Inspect AI, lm-evaluation-harness, ``OpenAIJudge``) can use the embedded model or any HF
+model. Endpoints: ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` (a prompt as
+text or token ids; ``echo``; ``max_tokens=0`` with ``echo`` scores the prompt only). Both take
+``temperature`` (0 = greedy), ``top_p``, ``max_tokens``, ``n``, ``seed``, ``stop`` (at most 16),
+logprobs (chat: ``logprobs``/``top_logprobs``; completions: ``logprobs=k``) and ``stream``
+(server-sent events; ``stream_options.include_usage``). No tools or penalties.
 
-Logprobs: the chosen token's ``logprob`` and ``top_logprobs`` both come from the fp32
-log-softmax of the model's raw logits at that position, i.e. **before** temperature
-and top-p (the model's own distribution).
+Requests decode together (:mod:`persona_ops.inference.batcher`): each joins the running batch
+between steps and leaves when done; ``n`` completions are rows of the same batch. A seeded
+request gives the same completions whatever else is in the batch. Logprobs are the fp32
+log-softmax of the model's raw logits at each position, i.e. **before** temperature and top-p,
+taken from the very forward that sampled the token; a completions request's echoed prompt is
+scored by one teacher-forced forward with the request's steering.
 
-Requests are served one at a time (the model is not thread-safe); at most ``max_queue`` more wait
-for the model, and a request beyond them gets 429 with ``Retry-After`` (``persona_ops.inference.admission``).
-Completions come from the generation engine (``persona_ops.inference.engine``, the one local
-generation path); logprobs are recomputed by teacher forcing (see ``_score_choices``).
-
-Persona-ops extensions (send them with the openai client's ``extra_body``):
+Persona-ops extensions (the openai client's ``extra_body``):
 
 - ``steering``: a list of ``{vector, layer, kind: add|ablate|cap, coef, tau, positions}``;
   ``vector`` names a vector the server was started with (``--vector NAME=FILE``), ``layer``
@@ -23,108 +23,81 @@ Persona-ops extensions (send them with the openai client's ``extra_body``):
 - ``adapter``: the name of a LoRA adapter the server was started with (``--adapter NAME=DIR``).
 - ``capping``: ``false`` turns off the server's activation capping (``--capping FILE``, on for
   every request by default; applied after the request's ``steering``).
+- ``monitor``: a list of ``{vector, layer}`` or ``{axis, layer?}`` (a persona space served with
+  ``--axis NAME=FILE``; default layer: the space's), each optionally with a ``threshold``. Each
+  choice then carries ``monitor``: per entry, ``tokens`` (the projection ``<h, v/|v|>`` of the
+  residual stream at the position that predicts each returned token, computed in the forward
+  that sampled it), their ``mean`` (the turn), ``prompt_mean`` (over the prompt's tokens) and
+  ``crossed_at`` (the first token above ``threshold``, or null). Streamed chunks carry each
+  token's values.
 
 ``model`` names the served model (its id in ``/v1/models``) or one of its adapters (listed there
 with the model as ``parent``; the same as sending ``adapter``); another name gets 404
 ``model_not_found``. With an API key (``--api-key`` or ``PERSONA_OPS_SERVER_API_KEY``) every path
 wants ``Authorization: Bearer KEY`` (401 otherwise). Limits (:class:`ServerLimits`): prompt plus
-``max_tokens`` within the model's context, and ``n`` x (prompt + ``max_tokens``) within
-``max_request_tokens`` (the KV cache one request reserves); 400 beyond either.
+``max_tokens`` within the model's context; ``n`` x (prompt + ``max_tokens``) within
+``max_request_tokens``; a request's rows within ``max_batch``; 400 beyond any. At most
+``max_batch + max_queue`` requests are inside; one more gets 429 with ``Retry-After``
+(:mod:`persona_ops.inference.admission`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import random
-import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Literal
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from persona_ops.chat import prompt_ids
+from persona_ops.chat import encode, prompt_ids
 from persona_ops.errors import InputError
 from persona_ops.inference.admission import Admission, AdmissionMiddleware
+from persona_ops.inference.api import (
+    MIN_LOGPROB,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    TokenBytes,
+)
+from persona_ops.inference.batcher import Batcher, Job, Monitor, Prefilled, RowSpec, Token, row_key
+from persona_ops.inference.engine import stop_ids
 from persona_ops.models.loading import EMBEDDED, LoadedModel
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 512
 API_KEY_ENV = "PERSONA_OPS_SERVER_API_KEY"
 SEED_MIN, SEED_MAX = -2 ** 63, 2 ** 63 - 1  # int64, as OpenAI's API
-_MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI reports -9999.0 as well
 
 
 @dataclass(frozen=True)
 class ServerLimits:
     """What one request, and all of them together, may hold."""
 
-    max_queue: int = 16  # requests waiting for the model besides the one generating; more get 429
+    max_batch: int = 32  # rows (completions) decoding together
+    max_queue: int = 16  # requests waiting beyond those the batch can hold; more get 429
     max_request_tokens: int = 32768  # n x (prompt + max_tokens): the KV cache rows one request reserves
     max_body_bytes: int = 8 << 20
     retry_after_s: int = 1
 
 
-# ----------------------------------------------------------------------------- sampling
+class BadRequest(Exception):
+    """A request the server refuses (4xx), in OpenAI's error format."""
 
-@dataclass
-class GeneratedChoice:
-    """One sampled completion: token ids, their logprobs and the top alternatives."""
-
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top: list[list[tuple[int, float]]] = field(default_factory=list)
-    text: str | None = None  # set when a stop string cut it
-    finish_reason: str = "length"
-    completion_tokens: int = 0  # generated tokens, a stopping end-of-sequence token included
-
-
-def sample_chat(loaded: LoadedModel, messages: list[dict], *, max_tokens: int | None = None,
-                temperature: float = 1.0, top_p: float = 1.0, n: int = 1, seed: int | None = None,
-                logprobs: bool = False, top_logprobs: int = 0, stop: list[str] | None = None, interventions=(),
-                max_request_tokens: int | None = None) -> tuple[list[GeneratedChoice], int]:
-    """Sample ``n`` completions of a chat on the generation engine; return them and the number
-    of prompt tokens.
-
-    The ``n`` rows share one prompt and one seeded generator (a random seed when ``seed`` is
-    None); a row stops at an end-of-sequence token, at a ``stop`` string (cut before it) or
-    after ``max_tokens`` (default: ``DEFAULT_MAX_TOKENS``, fewer where the context ends). ``interventions``
-    (``persona_ops.interp.interventions.Intervention``) steer prefill and decoding. ``logprobs``: see
-    :func:`_score_choices`. InputError (before any generation) when the request does not fit: see
-    :func:`token_budget`.
-    """
-    from persona_ops.inference.engine import generate_tokens, stop_ids
-    from persona_ops.inference.sampling import SamplingParams
-
-    tokenizer = loaded.tokenizer
-    prompt = prompt_ids(tokenizer, messages)
-    context = getattr(loaded.model.config, "max_position_embeddings", None) or 10 ** 9
-    budget = token_budget(len(prompt), max_tokens, n, context, max_request_tokens)
-    eos = set(stop_ids(loaded))
-    sampling = SamplingParams(budget, temperature, top_p, seed if seed is not None else random.getrandbits(63))
-    rows = generate_tokens(loaded, [prompt] * n, sampling, interventions, eos_ids=sorted(eos), batch_size=n)
-    stop = [s for s in (stop or []) if s]
-    choices = []
-    for row in rows:
-        ended = bool(row) and row[-1] in eos  # the engine keeps a row's end-of-sequence token
-        choice = GeneratedChoice(token_ids=row[:-1] if ended else list(row), completion_tokens=len(row),
-                                 finish_reason="stop" if ended else "length")
-        if not (stop and _cut_at_stop(tokenizer, choice, stop)):
-            choice.text = tokenizer.decode(choice.token_ids, skip_special_tokens=True)
-        choices.append(choice)
-    if logprobs:
-        _score_choices(loaded, prompt, choices, top_logprobs, interventions)
-    return choices, len(prompt)
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
+        super().__init__(message)
+        self.param, self.status, self.code = param, status, code
 
 
 def token_budget(prompt_tokens: int, max_tokens: int | None, n: int, context: int,
@@ -147,158 +120,77 @@ def token_budget(prompt_tokens: int, max_tokens: int | None, n: int, context: in
     return budget
 
 
-@torch.inference_mode()
-def _score_choices(loaded: LoadedModel, prompt: list[int], choices: list[GeneratedChoice], top_k: int,
-                   interventions=()) -> None:
-    """Fill each choice's ``logprobs`` (and ``top`` when ``top_k``) by teacher forcing.
+# ----------------------------------------------------------------------------- one choice
 
-    The engine returns token ids only, so the logprobs are recomputed: one forward over
-    ``prompt + tokens[:-1]`` per choice, with the same interventions at the same positions
-    (prompt = the prompt tokens, response = the last prompt token and the tokens fed back,
-    as during cached decoding), gives at position ``len(prompt) - 1 + j`` the logits that
-    predicted token ``j``. Causal attention makes these the logits the sampler saw (up to
-    floating-point differences between cached and full attention). Logprobs are the fp32
-    log-softmax of those raw logits, i.e. before temperature and top-p.
-    """
-    from persona_ops.interp.interventions import Steerer, teacher_forced_masks
+class _Choice:
+    """A completion as it is generated: tokens, their logprobs and monitor values, and its text
+    (cut before a stop string; text that may still become one is held back from streaming)."""
 
-    loaded.activate()
-    steerer = Steerer(loaded.layers, interventions) if interventions else None
-    with steerer if steerer is not None else contextlib.nullcontext():
-        for choice in choices:
-            tokens = choice.token_ids
-            if not tokens:
-                continue
-            ids = torch.tensor([prompt + tokens[:-1]], device=loaded.device)
-            if steerer is not None:
-                steerer.set_positions(*teacher_forced_masks(torch.ones_like(ids), [len(prompt)]))
-            logits = loaded.model(input_ids=ids, logits_to_keep=len(tokens)).logits[0, -len(tokens):]
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            choice.logprobs = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
-            if top_k:
-                values, indices = logp.topk(top_k, dim=-1)
-                choice.top = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top: list[list[tuple[int, float]] | None] = []
+        self.monitor: list[list[float]] = []  # per token, one value per monitor
+        self.prompt_monitor: list[float] = []
+        self.text, self.sent = "", 0
+        self.generated = 0  # tokens generated, a stopping end-of-sequence token included
+        self.finish: str | None = None
 
+    def add(self, event: Token) -> str:
+        """Take the next token; return the text that may be sent now."""
+        if self.finish is not None:  # generated after a stop string completed
+            return ""
+        self.generated += 1
+        if event.finish != "stop":  # an end-of-sequence token is counted, not returned
+            self.ids.append(event.token)
+            self.logprobs.append(event.logprob)
+            self.top.append(event.top)
+            self.monitor.append(event.monitor or [])
+        self.finish = event.finish
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [text.index(s) for s in self.stop if s in text]
+        if hits:
+            self._cut(text[:min(hits)])
+        else:
+            self.text = text
+        safe = len(self.text) if self.finish else len(self.text) - self._held(self.text)
+        delta = self.text[self.sent:max(self.sent, safe)]
+        self.sent = max(self.sent, safe)
+        return delta
 
-def _cut_at_stop(tokenizer, choice: GeneratedChoice, stop: list[str]) -> bool:
-    """Cut the completion where a stop string first appears (tokens after the cut go too), as
-    if generation had stopped at the token that completed it; report whether it did."""
-    full = choice.token_ids
-    text = tokenizer.decode(full, skip_special_tokens=True)
-    if not any(s in text for s in stop):
-        return False
-    for end in range(1, len(full) + 1):  # generation would have ended with the token completing a stop
-        text = tokenizer.decode(full[:end], skip_special_tokens=True)
-        if any(s in text for s in stop):
-            break
-    choice.text = text[:min(text.index(s) for s in stop if s in text)]
-    keep = 0  # the tokens that start before the cut
-    while keep < end and len(tokenizer.decode(full[:keep], skip_special_tokens=True)) < len(choice.text):
-        keep += 1
-    choice.token_ids = full[:keep]
-    choice.finish_reason, choice.completion_tokens = "stop", end
-    return True
+    def _cut(self, text: str) -> None:
+        """End at a stop string: keep ``text`` and the tokens that start before its end."""
+        keep = 0
+        decode = self.tokenizer.decode
+        while keep < len(self.ids) and len(decode(self.ids[:keep], skip_special_tokens=True)) < len(text):
+            keep += 1
+        for name in ("ids", "logprobs", "top", "monitor"):
+            setattr(self, name, getattr(self, name)[:keep])
+        self.text, self.finish = text, "stop"
 
-
-# ----------------------------------------------------------------------------- token text
-
-@lru_cache(maxsize=1)
-def _byte_level_decoder() -> dict[str, int]:
-    """Inverse of the GPT-2 byte-level alphabet: printable bytes map to themselves, the rest to 256+i."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {chr(b): b for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table
+    def _held(self, text: str) -> int:
+        """Characters at the end that may be the start of a stop string or of a multi-byte character."""
+        held = len(text) - len(text.rstrip("\ufffd"))
+        for s in self.stop:
+            held = max(held, next((k for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), 0))
+        return held
 
 
-class TokenBytes:
-    """The raw bytes of single tokens (a token can be part of a multi-byte character)."""
+@dataclass
+class _Plan:
+    """A validated request: the prompts, the rows to generate and what the answer reports."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        vocab = tokenizer.get_vocab()
-        self.byte_level = any(t.startswith("Ġ") for t in vocab) and not any(t.startswith("▁") for t in vocab)
-        self._cache: dict[int, bytes] = {}
-
-    def __call__(self, token_id: int) -> bytes:
-        if token_id not in self._cache:
-            self._cache[token_id] = self._compute(token_id)
-        return self._cache[token_id]
-
-    def _compute(self, token_id: int) -> bytes:
-        piece = self.tokenizer.convert_ids_to_tokens(token_id)
-        if isinstance(piece, str):
-            table = _byte_level_decoder()
-            if self.byte_level and all(c in table for c in piece):
-                return bytes(table[c] for c in piece)
-            if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:  # byte fallback
-                return bytes([int(piece[3:5], 16)])
-            if "▁" in piece:
-                return piece.replace("▁", " ").encode("utf-8")
-        return self.tokenizer.decode([token_id]).encode("utf-8")
-
-    def entry(self, token_id: int, logprob: float) -> dict:
-        """A ``{token, logprob, bytes}`` record of the OpenAI logprobs schema."""
-        raw = self(token_id)
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": max(logprob, _MIN_LOGPROB),
-                "bytes": list(raw)}
+    prompts: list[list[int]]
+    rows: list[RowSpec]
+    adapter: str | None
+    stop: list[str]
+    monitors: list[dict] = field(default_factory=list)  # the request's monitor entries, as answered
+    thresholds: list[float | None] = field(default_factory=list)
+    interventions: list = field(default_factory=list)
 
 
-# ----------------------------------------------------------------------------- API schema
-
-class ContentPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-
-    def as_dict(self) -> dict:
-        """The message as a chat-template dict (text parts joined)."""
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        # chat templates know "system", not OpenAI's newer "developer"
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
-
-
-class SteeringRequest(BaseModel):
-    """One intervention of a request (persona-ops extension)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    vector: str
-    layer: int  # 1..num_layers, checked against the model
-    kind: Literal["add", "ablate", "cap"] = "add"
-    coef: float = 1.0
-    tau: float = 0.0
-    positions: Literal["prompt", "response", "all"] = "response"
-
-
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # e.g. "user": accepted and ignored
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=32)
-    seed: int | None = None  # SEED_MIN..SEED_MAX, checked with a message naming the range
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    stop: str | list[str] | None = Field(None)
-    stream: bool = False
-    steering: list[SteeringRequest] = Field(default_factory=list)
-    adapter: str | None = None
-    capping: bool | None = None  # None = the server's capping interventions, if it has any
-
+# ----------------------------------------------------------------------------- the app
 
 def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
            code: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -334,31 +226,48 @@ def _key_matches(authorization: str | None, api_key: str) -> bool:
 
 
 def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict | None = None,
-               capping: list | None = None, *, api_key: str | None = None, served_name: str | None = None,
-               limits: ServerLimits = ServerLimits()) -> FastAPI:
-    """A FastAPI app serving ``loaded`` under ``/v1`` (models, chat completions).
+               capping: list | None = None, *, axes: dict | None = None, api_key: str | None = None,
+               served_name: str | None = None, limits: ServerLimits = ServerLimits()) -> FastAPI:
+    """A FastAPI app serving ``loaded`` under ``/v1`` (models, chat completions, completions).
 
-    ``vectors``: name -> ``[num_layers + 1, hidden]`` tensor usable in ``steering``;
+    ``vectors``: name -> ``[num_layers + 1, hidden]`` tensor usable in ``steering`` and ``monitor``;
     ``adapters``: name -> LoRA checkpoint directory usable as ``adapter`` or ``model``;
     ``capping``: interventions applied to every request unless it sends ``capping: false``
-    (``persona_ops.interp.capping.CappingSpec.interventions()``); ``api_key``: the bearer token
-    every request must send (None: none); ``served_name``: the model's id in ``/v1/models``
-    (default: its label). ``app.state.admission`` counts the chat requests inside.
+    (``persona_ops.interp.capping.CappingSpec.interventions()``); ``axes``: name -> persona space
+    (``persona_ops.interp.space.PersonaSpace``) whose Assistant Axis ``monitor`` can name;
+    ``api_key``: the bearer token every request must send (None: none); ``served_name``: the model's
+    id in ``/v1/models`` (default: its label). ``app.state.admission`` counts the requests inside,
+    ``app.state.batcher.stats`` the batching (``peak_rows``: the most rows decoded together).
     """
-    app = FastAPI(title="persona-ops model server")
-    vectors, adapters = dict(vectors or {}), dict(adapters or {})
+    vectors, adapters, axes = dict(vectors or {}), dict(adapters or {}), dict(axes or {})
     for name, tensor in vectors.items():
         check_vector(tensor, loaded.num_layers, loaded.hidden_size, f"vector {name!r}")
+    for name, space in axes.items():
+        if space.axis.shape[-1] != loaded.hidden_size or max(space.layers) > loaded.num_layers:
+            raise InputError(f"axis {name!r}: layers {space.layers} and hidden size {space.axis.shape[-1]} do not "
+                             f"fit the model ({loaded.num_layers} layers, hidden size {loaded.hidden_size})")
     served_name = served_name or loaded.label
     if served_name in adapters:
         raise InputError(f"adapter {served_name!r}: the served model has that name already")
-    pool, base = _pool_of(loaded)  # adapters attached once, switched per request
-    lock = threading.Lock()
+    pool, base = _pool_of(loaded)  # adapters attached once, switched per batch
+    batcher = Batcher(loaded.model, max_rows=limits.max_batch)
+    models: dict[str | None, LoadedModel] = {None: pool.get(base)}
     token_bytes = TokenBytes(loaded.tokenizer)
+    eos = stop_ids(loaded)
+    context = getattr(loaded.model.config, "max_position_embeddings", None) or 10 ** 9
     created = int(time.time())
-    app.state.admission = Admission(capacity=1 + limits.max_queue)
-    app.add_middleware(AdmissionMiddleware, admission=app.state.admission, paths={"/v1/chat/completions"},
-                       max_body_bytes=limits.max_body_bytes, retry_after_s=limits.retry_after_s, refuse=_refusal)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="persona-ops model server", lifespan=lifespan)
+    app.state.batcher = batcher
+    app.state.admission = Admission(capacity=limits.max_batch + limits.max_queue)
+    app.add_middleware(AdmissionMiddleware, admission=app.state.admission,
+                       paths={"/v1/chat/completions", "/v1/completions"}, max_body_bytes=limits.max_body_bytes,
+                       retry_after_s=limits.retry_after_s, refuse=_refusal)
 
     @app.middleware("http")  # added last, so it runs first: a request without the key is never admitted
     async def _authenticate(request: Request, call_next):
@@ -373,6 +282,11 @@ def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict 
         first = exc.errors()[0] if exc.errors() else {}
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return _error(400, f"{loc or 'request'}: {first.get('msg', 'invalid request')}", loc or None)
+
+    @app.exception_handler(BadRequest)
+    async def _bad_request(request: Request, exc: BadRequest):
+        return _error(exc.status, str(exc), exc.param, code=exc.code,
+                      kind="not_found_error" if exc.status == 404 else "invalid_request_error")
 
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError):
@@ -389,62 +303,318 @@ def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict 
         return {"object": "list", "data": [{"id": served_name, **entry},
                                            *({"id": name, **entry, "parent": served_name} for name in adapters)]}
 
-    @app.post("/v1/chat/completions")
-    def chat_completions(req: ChatCompletionRequest):
-        if req.stream:
-            return _error(400, "stream=true is not supported by this server", "stream")
+    # --------------------------------------------------------------- validation
+    def plan(req: GenerationRequest, prompts: list[list[int]], max_tokens: int | None, top_k: int | None) -> _Plan:
         if req.model is not None and req.model != served_name and req.model not in adapters:
-            return _error(404, f"model {req.model!r} is not served here; served: {[served_name, *adapters]}",
-                          "model", code="model_not_found")
+            raise BadRequest(f"model {req.model!r} is not served here; served: {[served_name, *adapters]}",
+                             "model", 404, "model_not_found")
         adapter = req.model if req.model in adapters else req.adapter
         if req.adapter is not None and req.adapter != adapter:
-            return _error(400, f"adapter {req.adapter!r}: the request's model is the adapter {adapter!r}", "adapter")
-        if req.seed is not None and not SEED_MIN <= req.seed <= SEED_MAX:
-            return _error(400, f"seed: expected an integer in -2**63..2**63-1, found {req.seed}", "seed")
-        if req.top_logprobs and not req.logprobs:
-            return _error(400, "top_logprobs requires logprobs=true", "top_logprobs")
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > 4:
-            return _error(400, "stop: at most 4 sequences", "stop")
-        top_k = (req.top_logprobs or 0) if req.logprobs else 0
+            raise BadRequest(f"adapter {req.adapter!r}: the request's model is the adapter {adapter!r}", "adapter")
         if adapter is not None and adapter not in adapters:
-            return _error(400, f"adapter {adapter!r} unknown; served: {sorted(adapters)}", "adapter")
-        interventions = []
+            raise BadRequest(f"adapter {adapter!r} unknown; served: {sorted(adapters)}", "adapter")
+        if req.seed is not None and not SEED_MIN <= req.seed <= SEED_MAX:
+            raise BadRequest(f"seed: expected an integer in -2**63..2**63-1, found {req.seed}", "seed")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 16:
+            raise BadRequest("stop: at most 16 sequences", "stop")
+        if len(prompts) * req.n > limits.max_batch:
+            raise BadRequest(f"{len(prompts)} prompt(s) x n={req.n} = {len(prompts) * req.n} completions; this "
+                             f"server decodes at most {limits.max_batch} together (serve-model --max-batch)", "n")
+        vocab = loaded.model.config.get_text_config().vocab_size
+        if any(not 0 <= t < vocab for p in prompts for t in p):
+            raise BadRequest(f"prompt: token ids must lie in 0..{vocab - 1}", "prompt")
+        interventions = steering(req)
+        monitors, answered, thresholds = monitor_specs(req)
+        seed = req.seed if req.seed is not None else random.getrandbits(63)
+        rows = []
+        for p, prompt in enumerate(prompts):
+            budget = token_budget(len(prompt), max_tokens, req.n, context, limits.max_request_tokens)
+            if budget:
+                rows += [RowSpec(prompt, budget, req.temperature, req.top_p, row_key(seed, p * req.n + j), top_k,
+                                 interventions, monitors) for j in range(req.n)]
+        return _Plan(prompts, rows, adapter, [s for s in stop if s], answered, thresholds, interventions)
+
+    def steering(req: GenerationRequest) -> list:
+        from persona_ops.interp.interventions import Intervention
+
+        out = []
         for i, st in enumerate(req.steering):
             if st.vector not in vectors:
-                return _error(400, f"steering[{i}].vector {st.vector!r} unknown; served: {sorted(vectors)}",
-                              f"steering.{i}.vector")
-            if not 1 <= st.layer <= loaded.num_layers:
-                return _error(400, f"steering[{i}].layer {st.layer}: expected 1..{loaded.num_layers}",
-                              f"steering.{i}.layer")
-            from persona_ops.interp.interventions import Intervention
-
-            interventions.append(Intervention(st.kind, st.layer, vectors[st.vector][st.layer], coef=st.coef,
-                                              tau=st.tau, positions=st.positions))
+                raise BadRequest(f"steering[{i}].vector {st.vector!r} unknown; served: {sorted(vectors)}",
+                                 f"steering.{i}.vector")
+            check_layer(st.layer, f"steering[{i}].layer")
+            out.append(Intervention(st.kind, st.layer, vectors[st.vector][st.layer], coef=st.coef, tau=st.tau,
+                                    positions=st.positions))
         if req.capping and not capping:
-            return _error(400, "capping: this server has no capping spec (serve-model --capping FILE)", "capping")
+            raise BadRequest("capping: this server has no capping spec (serve-model --capping FILE)", "capping")
         if req.capping is not False:
-            interventions += capping or []  # last: the cap holds whatever the request steers
-        with lock:
-            model = pool.get(base.resolved(adapters[adapter]) if adapter else base)
-            choices, prompt_tokens = sample_chat(
-                model, [m.as_dict() for m in req.messages], interventions=interventions,
-                max_tokens=req.max_completion_tokens or req.max_tokens, max_request_tokens=limits.max_request_tokens,
-                temperature=req.temperature, top_p=req.top_p, n=req.n, seed=req.seed,
-                logprobs=req.logprobs, top_logprobs=top_k, stop=stop)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": req.model or served_name,
-            "system_fingerprint": None,
-            "choices": [_choice_json(i, c, req.logprobs, top_k, token_bytes) for i, c in enumerate(choices)],
-            "usage": {"prompt_tokens": prompt_tokens,
-                      "completion_tokens": sum(c.completion_tokens for c in choices),
-                      "total_tokens": prompt_tokens + sum(c.completion_tokens for c in choices)},
-        }
+            out += capping or []  # last: the cap holds whatever the request steers
+        return out
+
+    def monitor_specs(req: GenerationRequest) -> tuple[list[Monitor], list[dict], list[float | None]]:
+        monitors, answered = [], []
+        for i, m in enumerate(req.monitor):
+            if m.vector is not None:
+                if m.vector not in vectors:
+                    raise BadRequest(f"monitor[{i}].vector {m.vector!r} unknown; served: {sorted(vectors)}",
+                                     f"monitor.{i}.vector")
+                check_layer(m.layer, f"monitor[{i}].layer")
+                vector, entry = vectors[m.vector][m.layer], {"vector": m.vector, "layer": m.layer}
+            else:
+                if m.axis not in axes:
+                    raise BadRequest(f"monitor[{i}].axis {m.axis!r} unknown; served: {sorted(axes)}",
+                                     f"monitor.{i}.axis")
+                space = axes[m.axis]
+                layer = space.layer if m.layer is None else m.layer
+                if layer not in space.layers:
+                    raise BadRequest(f"monitor[{i}].layer {layer}: the axis {m.axis!r} has layers {space.layers}",
+                                     f"monitor.{i}.layer")
+                vector, entry = space.axis[space.row(layer)], {"axis": m.axis, "layer": layer}
+            if not float(vector.norm()) > 0:
+                raise BadRequest(f"monitor[{i}]: the vector is zero at layer {entry['layer']}", f"monitor.{i}")
+            monitors.append(Monitor(entry.get("vector") or entry["axis"], entry["layer"], vector))
+            answered.append(entry)
+        return monitors, answered, [m.threshold for m in req.monitor]
+
+    def check_layer(layer: int, what: str) -> None:
+        if not 1 <= layer <= loaded.num_layers:
+            param = what.replace("[", ".").replace("]", "")
+            raise BadRequest(f"{what} {layer}: expected 1..{loaded.num_layers}", param)
+
+    async def model_for(adapter: str | None) -> LoadedModel:
+        """The served model with ``adapter`` attached (attached on the model's thread, once)."""
+        if adapter not in models:
+            ref = base.resolved(adapters[adapter])
+            models[adapter] = await batcher.call(lambda: pool.get(ref))
+        return models[adapter]
+
+    # --------------------------------------------------------------- generation
+    async def run(p: _Plan, choices: list[_Choice], request: Request,
+                  stream: bool) -> AsyncIterator[tuple[int, str, int]]:
+        """Generate ``p``'s rows; yield ``(row, new text, tokens before)`` as tokens arrive (every step's
+        when streaming or watching for stop strings, else all at the end)."""
+        if not p.rows:
+            return
+        job = batcher.submit(Job(p.rows, await model_for(p.adapter), p.adapter, eos,
+                                 every_token=stream or bool(p.stop)))
+        try:
+            while any(c.finish is None for c in choices):
+                try:
+                    events = await asyncio.wait_for(job.events.get(), timeout=1.0)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if isinstance(events, Exception):
+                    raise events
+                for event in events:
+                    choice = choices[event.row]
+                    if isinstance(event, Prefilled):
+                        choice.prompt_monitor = event.prompt_monitor
+                        continue
+                    before = len(choice.ids)
+                    text = choice.add(event)
+                    if choice.finish is not None and event.finish is None:  # a stop string
+                        job.cancel(event.row)
+                    yield event.row, text, before
+        finally:
+            job.cancel()  # rows still running (a client gone, an error) leave the batch
+
+    async def echo_scores(p: _Plan, model: LoadedModel, top_k: int) -> list[tuple[list, list]]:
+        return await batcher.call(lambda: [_score_prompt(model, ids, top_k, p.interventions) for ids in p.prompts])
+
+    def usage(p: _Plan, choices: list[_Choice]) -> dict:
+        prompt_tokens = sum(len(x) for x in p.prompts)
+        completion = sum(c.generated for c in choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
+    def monitor_json(p: _Plan, c: _Choice, upto: int | None = None) -> list[dict]:
+        out = []
+        for k, entry in enumerate(p.monitors):
+            values = [m[k] for m in c.monitor[:upto]]
+            threshold = p.thresholds[k]
+            crossed = next((j for j, v in enumerate(values) if threshold is not None and v > threshold), None)
+            out.append({**entry, "tokens": values, "mean": sum(values) / len(values) if values else None,
+                        "prompt_mean": c.prompt_monitor[k] if c.prompt_monitor else None,
+                        "threshold": threshold, "crossed_at": crossed})
+        return out
+
+    def header(kind: str, req: GenerationRequest) -> dict:
+        return {"id": f"{kind}-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model or served_name}
+
+    def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+        async def body():
+            try:
+                async for chunk in chunks:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            except (BadRequest, InputError) as e:
+                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'invalid_request_error'}})}\n\n"
+            except Exception as e:  # the status line is sent already: report in the stream
+                log.exception("streamed generation failed")
+                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # --------------------------------------------------------------- chat completions
+    def chat_logprobs(c: _Choice, start: int, top_k: int | None, as_id: bool) -> dict | None:
+        if top_k is None:
+            return None
+        return {"content": [{**token_bytes.entry(t, lp, as_id),
+                             "top_logprobs": [token_bytes.entry(a, la, as_id) for a, la in (top or [])][:top_k]}
+                            for t, lp, top in zip(c.ids[start:], c.logprobs[start:], c.top[start:])],
+                "refusal": None}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        if req.top_logprobs and not req.logprobs:
+            raise BadRequest("top_logprobs requires logprobs=true", "top_logprobs")
+        top_k = (req.top_logprobs or 0) if req.logprobs else None
+        prompt = prompt_ids(loaded.tokenizer, [m.as_dict() for m in req.messages])
+        p = plan(req, [prompt], req.max_completion_tokens or req.max_tokens, top_k)
+        choices = [_Choice(loaded.tokenizer, p.stop) for _ in range(req.n)]
+        head = {**header("chatcmpl", req), "system_fingerprint": None}
+
+        def choice_json(i: int, c: _Choice) -> dict:
+            out = {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish,
+                   "logprobs": chat_logprobs(c, 0, top_k, req.return_tokens_as_token_ids)}
+            return {**out, "monitor": monitor_json(p, c)} if p.monitors else out
+
+        if not req.stream:
+            async for _ in run(p, choices, request, stream=False):
+                pass
+            return {**head, "object": "chat.completion", "choices": [choice_json(i, c) for i, c in enumerate(choices)],
+                    "usage": usage(p, choices)}
+
+        async def chunks():
+            chunk = {**head, "object": "chat.completion.chunk"}
+            for i in range(req.n):
+                yield {**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]}
+            async for row, text, before in run(p, choices, request, stream=True):
+                c = choices[row]
+                entry = {"index": row, "delta": {"content": text} if text else {},
+                         "logprobs": chat_logprobs(c, before, top_k, req.return_tokens_as_token_ids),
+                         "finish_reason": c.finish}
+                if p.monitors:
+                    entry["monitor"] = c.monitor[before:]
+                if text or c.finish or p.monitors or top_k is not None:
+                    yield {**chunk, "choices": [entry]}
+            if req.stream_options and req.stream_options.include_usage:
+                yield {**chunk, "choices": [], "usage": usage(p, choices)}
+
+        return sse(chunks())
+
+    # --------------------------------------------------------------- completions
+    def texts_of(prompt) -> tuple[list[list[int]], list[str]]:
+        tok = loaded.tokenizer
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        ids = [encode(tok, x) if isinstance(x, str) else list(x) for x in prompt]
+        if any(not x for x in ids):
+            raise BadRequest("prompt: an empty prompt (no tokens)", "prompt")
+        return ids, [x if isinstance(x, str) else tok.decode(x) for x in prompt]
+
+    def legacy_logprobs(ids: list[int], lps: list, tops: list, offset: int, top_k: int, as_id: bool) -> dict:
+        def name(t: int) -> str:
+            return token_bytes.entry(t, 0.0, as_id)["token"]
+
+        tokens = [name(t) for t in ids]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": [None if lp is None else max(lp, MIN_LOGPROB) for lp in lps],
+                "top_logprobs": [None if top is None else
+                                 {name(a): max(la, MIN_LOGPROB) for a, la in top[:top_k]}
+                                 for top in tops],
+                "text_offset": offsets}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        ids, texts = texts_of(req.prompt)
+        if req.max_tokens == 0 and not req.echo:
+            raise BadRequest("max_tokens=0 generates nothing: send echo=true to score the prompt", "max_tokens")
+        top_k = req.logprobs
+        p = plan(req, ids, req.max_tokens, top_k)
+        choices = [_Choice(loaded.tokenizer, p.stop) for _ in range(len(ids) * req.n)]
+        if req.max_tokens == 0:
+            for c in choices:
+                c.finish = "length"
+        scores = (await echo_scores(p, await model_for(p.adapter), top_k or 0)
+                  if req.echo and top_k is not None else None)
+        head = {**header("cmpl", req), "object": "text_completion"}
+
+        def logprobs_of(i: int, c: _Choice, start: int = 0, with_echo: bool = True) -> dict | None:
+            """Legacy logprobs of ``c``'s tokens from ``start`` (after the echoed prompt's when
+            ``with_echo``); ``text_offset`` counts characters from the start of the prompt."""
+            if top_k is None:
+                return None
+            prompt = i // req.n
+            as_id = req.return_tokens_as_token_ids
+            offset = len(texts[prompt]) + sum(len(token_bytes.entry(t, 0.0)["token"]) for t in c.ids[:start])
+            gen = legacy_logprobs(c.ids[start:], c.logprobs[start:], c.top[start:], offset, top_k, as_id)
+            if not (req.echo and with_echo):
+                return gen
+            echo = legacy_logprobs(ids[prompt], *scores[prompt], 0, top_k, as_id)
+            return {k: echo[k] + gen[k] for k in echo}
+
+        def choice_json(i: int, c: _Choice) -> dict:
+            text = (texts[i // req.n] if req.echo else "") + c.text
+            out = {"index": i, "text": text, "finish_reason": c.finish, "logprobs": logprobs_of(i, c)}
+            return {**out, "monitor": monitor_json(p, c)} if p.monitors else out
+
+        if not req.stream:
+            async for _ in run(p, choices, request, stream=False):
+                pass
+            return {**head, "choices": [choice_json(i, c) for i, c in enumerate(choices)], "usage": usage(p, choices)}
+
+        async def chunks():
+            if req.echo or req.max_tokens == 0:
+                for i, c in enumerate(choices):
+                    lp = logprobs_of(i, _Choice(loaded.tokenizer, []))
+                    yield {**head, "choices": [{"index": i, "text": texts[i // req.n] if req.echo else "",
+                                                "logprobs": lp, "finish_reason": c.finish}]}
+            async for row, text, before in run(p, choices, request, stream=True):
+                c = choices[row]
+                entry = {"index": row, "text": text, "logprobs": logprobs_of(row, c, before, with_echo=False),
+                         "finish_reason": c.finish}
+                if p.monitors:
+                    entry["monitor"] = c.monitor[before:]
+                yield {**head, "choices": [entry]}
+            if req.stream_options and req.stream_options.include_usage:
+                yield {**head, "choices": [], "usage": usage(p, choices)}
+
+        return sse(chunks())
 
     return app
+
+
+@torch.inference_mode()
+def _score_prompt(loaded: LoadedModel, ids: list[int], top_k: int, interventions=()) -> tuple[list, list]:
+    """Logprobs of each prompt token given the ones before it (None for the first), and the
+    ``top_k`` most likely tokens at each position: one teacher-forced forward, steered as
+    generation is (every token a prompt position, the last one also a response position)."""
+    from persona_ops.interp.interventions import Steerer, teacher_forced_masks
+
+    loaded.activate()
+    steerer = Steerer(loaded.layers, interventions) if interventions else None
+    x = torch.tensor([ids], device=loaded.device)
+    with steerer if steerer is not None else contextlib.nullcontext():
+        if steerer is not None:
+            steerer.set_positions(*teacher_forced_masks(torch.ones_like(x), [len(ids)]))
+        logits = loaded.model(input_ids=x, use_cache=False).logits[0, :-1]
+    logp = torch.log_softmax(logits.float(), -1)
+    chosen = logp.gather(-1, x[0, 1:, None])[:, 0].tolist()
+    tops: list = [None] * len(chosen)
+    if top_k:
+        values, indices = logp.topk(top_k, -1)
+        tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    return [None, *chosen], [None, *tops]
 
 
 def _pool_of(loaded: LoadedModel):
@@ -458,31 +628,19 @@ def _pool_of(loaded: LoadedModel):
     return pool, base
 
 
-def _choice_json(index: int, choice: GeneratedChoice, logprobs: bool, top_k: int,
-                 token_bytes: TokenBytes) -> dict:
-    content = None
-    if logprobs:
-        content = [{**token_bytes.entry(tok, lp),
-                    "top_logprobs": [token_bytes.entry(t, logp) for t, logp in choice.top[j]] if top_k else []}
-                   for j, (tok, lp) in enumerate(zip(choice.token_ids, choice.logprobs))]
-    return {"index": index,
-            "message": {"role": "assistant", "content": choice.text},
-            "finish_reason": choice.finish_reason,
-            "logprobs": {"content": content, "refusal": None} if logprobs else None}
-
-
 def serve(model: str = EMBEDDED, revision: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           dtype: str = "auto", device: str = "auto", vectors: dict[str, str] | None = None,
           adapters: dict[str, str] | None = None, aggregate: str = "response_avg",
-          capping: str | None = None, api_key: str | None = None, served_name: str | None = None,
-          limits: ServerLimits = ServerLimits()) -> None:
-    """Load ``model`` (and the named vector files' ``aggregate`` tensors, and the capping spec
-    file ``capping``) and serve it with uvicorn at ``http://host:port/v1`` until interrupted.
-    Vector files and the capping spec are checked against the model's config before its weights load."""
+          capping: str | None = None, axes: dict[str, str] | None = None, api_key: str | None = None,
+          served_name: str | None = None, limits: ServerLimits = ServerLimits()) -> None:
+    """Load ``model`` (and the named vector files' ``aggregate`` tensors, the capping spec file
+    ``capping`` and the persona-space files ``axes``) and serve it with uvicorn at
+    ``http://host:port/v1`` until interrupted. Every file is checked against the model's config
+    before its weights load."""
     import uvicorn
 
+    from persona_ops.interp.space import load_persona_space
     from persona_ops.interp.vectors import load_aggregate
-    from persona_ops.kernels.cpu_linear import packed_linears
     from persona_ops.models.loading import load_model, model_config, num_layers
 
     config = model_config(model, revision)
@@ -491,6 +649,13 @@ def serve(model: str = EMBEDDED, revision: str | None = None, host: str = "127.0
     for name, path in (vectors or {}).items():
         tensors[name] = load_aggregate(path, aggregate)
         check_vector(tensors[name], layers, hidden, str(path))
+    spaces = {}
+    for name, path in (axes or {}).items():
+        spaces[name] = load_persona_space(path)
+        if spaces[name].axis.shape[-1] != hidden or max(spaces[name].layers) > layers:
+            raise InputError(f"{path}: the persona space (layers {spaces[name].layers}, hidden size "
+                             f"{spaces[name].axis.shape[-1]}) does not fit the model ({layers} layers, "
+                             f"hidden {hidden})")
     spec = None
     if capping:
         from persona_ops.interp.capping import load_capping
@@ -500,7 +665,6 @@ def serve(model: str = EMBEDDED, revision: str | None = None, host: str = "127.0
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who reaches the port can use the model", host)
     loaded = load_model(model, revision=revision, dtype=dtype, device=device)
-    app = create_app(loaded, tensors, adapters, capping=spec.interventions() if spec else None, api_key=api_key,
-                     served_name=served_name, limits=limits)
-    with packed_linears(loaded.model):  # packed once for the server's lifetime, not per request
-        uvicorn.run(app, host=host, port=port, log_level="info")
+    app = create_app(loaded, tensors, adapters, capping=spec.interventions() if spec else None, axes=spaces,
+                     api_key=api_key, served_name=served_name, limits=limits)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -20,9 +20,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,6 +41,9 @@ AGGREGATES = ("prompt_avg", "response_avg", "prompt_last")
 ALL_AGGREGATES = AGGREGATES + ("none",)
 _NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
 _PENDING_BYTES = 256 * 2**20  # device-held aggregates before a copy to the host
+CPU_TOKEN_BUDGET = 1024  # padded tokens per batch on the CPU, whatever larger budget is asked
+MAX_CPU_WORKERS = 4
+PACK_LINEARS = True  # CPU linears on oneDNN packed weights (False: MKL's F.linear)
 
 
 class _StopForward(Exception):
@@ -164,19 +170,25 @@ class _Collector:
             raise _StopForward
 
 
-def _install_hooks(loaded: LoadedModel, col: _Collector) -> list:
+def _install_hooks(loaded: LoadedModel, layers: list[int], current: threading.local) -> list:
+    """Hooks that hand the layer outputs to the collector of the calling thread (``current.col``);
+    threads without one (other work on the same model) pass through."""
+    def record(L: int, h: torch.Tensor) -> None:
+        col = getattr(current, "col", None)
+        if col is not None:
+            col.record(L, h)
+
     handles = []
-    layers = loaded.layers
-    for L in col.layers:
+    blocks = loaded.layers
+    for L in layers:
         if L == 0:
             def pre(module, args, kwargs, L=L):
-                h = args[0] if args else kwargs["hidden_states"]
-                col.record(L, h)
-            handles.append(layers[0].register_forward_pre_hook(pre, with_kwargs=True))
+                record(L, args[0] if args else kwargs["hidden_states"])
+            handles.append(blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
         else:
             def post(module, args, output, L=L):
-                col.record(L, output[0] if isinstance(output, tuple) else output)
-            handles.append(layers[L - 1].register_forward_hook(post))
+                record(L, output[0] if isinstance(output, tuple) else output)
+            handles.append(blocks[L - 1].register_forward_hook(post))
     return handles
 
 
@@ -223,6 +235,45 @@ def _run_batch(loaded: LoadedModel, col: _Collector, chunk: list[int], prompt_id
     return rows
 
 
+def _cpu_workers(device: torch.device) -> tuple[int, int]:
+    """``(workers, threads each)``: one worker on accelerators; on the CPU up to
+    ``MAX_CPU_WORKERS`` workers sharing torch's thread count."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2:
+        return 1, threads
+    workers = min(threads, MAX_CPU_WORKERS)
+    return workers, threads // workers
+
+
+def _in_order(fn: Callable[[list[int]], tuple], batches: list[list[int]], workers: int,
+              threads_each: int) -> Iterator[tuple]:
+    """``fn(batch)`` for every batch, results yielded in batch order. With several workers at
+    most two batches per worker are in flight (bounded memory); torch's thread count, which
+    each worker sets for itself, is restored afterwards."""
+    if workers == 1:
+        yield from map(fn, batches)
+        return
+    threads = torch.get_num_threads()
+
+    def run(batch: list[int]) -> tuple:
+        torch.set_num_threads(threads_each)
+        with torch.inference_mode():
+            return fn(batch)
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="capture")
+    queue: deque[Future] = deque()
+    try:
+        for batch in batches:
+            queue.append(pool.submit(run, batch))
+            if len(queue) >= 2 * workers:
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
 @torch.inference_mode()
 def capture_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]],
                    layers: Sequence[int] | None = None, aggregates: Sequence[str] = AGGREGATES,
@@ -250,29 +301,43 @@ def capture_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], ans
     loaded.activate()
     n, hidden = len(prompt_ids), loaded.hidden_size
     layer_list = _resolve_layers(layers, loaded.num_layers)
-    col = _Collector(layer_list, aggregates, final_norm(loaded), loaded.num_layers)
+    norm = final_norm(loaded)
     avg_names = [a for a in aggregates if a.endswith("_avg")]
     result = CaptureResult(layers=layer_list)
     result.means = {a: torch.zeros(n, len(layer_list), hidden) for a in aggregates if a != "none"}
     writer = _ShardWriter(Path(shard_dir), layer_list, shard_tokens) if "none" in aggregates else None
     lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
     pad = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+    workers, threads_each = (1, 0) if compile_blocks else _cpu_workers(loaded.device)
+    if loaded.device.type == "cpu":
+        token_budget = min(token_budget, CPU_TOKEN_BUDGET)
+    current = threading.local()
+
+    def run(chunk: list[int]) -> tuple[list[int], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        current.col = col = _Collector(layer_list, aggregates, norm, loaded.num_layers)
+        try:
+            rows = _run_batch(loaded, col, chunk, prompt_ids, answer_ids, lengths, pad, avg_names,
+                              want_rows=writer is not None)
+        finally:
+            current.col = None
+        return chunk, col.out, rows
+
     pending: list[tuple[list[int], dict[str, torch.Tensor]]] = []
     pending_bytes = 0
     with contextlib.ExitStack() as stack:
-        for h in _install_hooks(loaded, col):
+        for h in _install_hooks(loaded, layer_list, current):
             stack.callback(h.remove)
+        running = loaded.layers[:max(layer_list)]  # the blocks before the last requested layer
         if compile_blocks:
-            stack.enter_context(compiled_blocks(loaded.layers[:max(layer_list)]))
-        else:
-            stack.enter_context(packed_linears(loaded.model))
-        for chunk in tqdm(plan_batches(lengths, token_budget, max_batch), desc=desc, unit="batch",
-                          leave=False, disable=not progress):
-            rows = _run_batch(loaded, col, chunk, prompt_ids, answer_ids, lengths, pad, avg_names,
-                              want_rows=writer is not None)
+            stack.enter_context(compiled_blocks(running))
+        elif PACK_LINEARS:
+            stack.enter_context(packed_linears(running))
+        batches = plan_batches(lengths, token_budget, max_batch)
+        for chunk, out, rows in tqdm(_in_order(run, batches, workers, threads_each), total=len(batches),
+                                     desc=desc, unit="batch", leave=False, disable=not progress):
             # aggregates stay on the device for a while: fewer host syncs, bounded memory
-            pending.append((chunk, col.out))
-            pending_bytes += sum(t.numel() * 4 for t in col.out.values())
+            pending.append((chunk, out))
+            pending_bytes += sum(t.numel() * 4 for t in out.values())
             if pending_bytes > _PENDING_BYTES:
                 _flush(pending, result.means)
                 pending_bytes = 0

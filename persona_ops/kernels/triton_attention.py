@@ -1,8 +1,9 @@
 """Fused decode attention over the engine's static KV cache (Triton; CUDA, or Triton's interpreter).
 
 One kernel per layer and decode step: it writes the new token's key/value into column
-``slot`` of the cache and attends over each row's real columns only, ``[start[b], slot]``
-(left padding before ``start`` and the unfilled columns after ``slot`` are never read).
+``slot`` of the cache (one for all rows, or one per row) and attends over each row's real
+columns only, ``[start[b], slot]`` (left padding before ``start`` and the unfilled columns
+after ``slot`` are never read).
 Replaces a masked attention over every cache column plus two cache writes: on OLMo-2-7B
 (no grouped KV heads) the static cache is as large as 40% of the weights, so reading only
 real columns is most of the gain. Softmax is online, in fp32; ``q . k`` accumulates in fp32.
@@ -21,7 +22,7 @@ BLOCK = 64  # cache columns per iteration
 
 
 @triton.jit
-def _decode_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, start_ptr, slot_ptr, out_ptr, scale,
+def _decode_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, start_ptr, slot_ptr, slot_stride, out_ptr, scale,
                    sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_s, so_b, so_h,
                    S: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                    BLOCK_S: tl.constexpr):
@@ -35,7 +36,7 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, start_ptr, slot_ptr, out
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
     kn = tl.load(kn_ptr + b * sk_b + hk * sk_h + offs_d, mask=dmask, other=0.0)
     vn = tl.load(vn_ptr + b * sv_b + hk * sv_h + offs_d, mask=dmask, other=0.0)
-    slot = tl.load(slot_ptr)
+    slot = tl.load(slot_ptr + b * slot_stride)
     start = tl.load(start_ptr + b)
     cache = b * sc_b + hk * sc_h
     tl.store(k_ptr + cache + slot * sc_s + offs_d, kn, mask=dmask)
@@ -71,7 +72,8 @@ def fused_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     """Store ``k_new, v_new`` at column ``slot`` and attend over ``[start[b], slot]`` of each row.
 
     ``q [B, H, 1, D]``, ``k_new/v_new [B, Hkv, 1, D]`` (any strides),
-    ``keys/values [B, Hkv, S, D]`` contiguous, ``start [B]`` and ``slot [1]`` integer tensors.
+    ``keys/values [B, Hkv, S, D]`` contiguous, ``start [B]`` and ``slot`` (``[1]``, or ``[B]``: a column
+    per row) integer tensors.
     Returns ``[B, 1, H, D]``.
     """
     b, h, _, d = q.shape
@@ -82,7 +84,7 @@ def fused_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     out = q.new_empty(b, 1, h, d)
     group = h // hkv
     _decode_kernel[(b, hkv)](
-        q, k_new, v_new, keys, values, start, slot, out, scale,
+        q, k_new, v_new, keys, values, start, slot, 1 if slot.numel() > 1 else 0, out, scale,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0), out.stride(2),
         S=keys.shape[2], G=group, GP=max(16, triton.next_power_of_2(group)),  # tl.dot needs >= 16 rows

@@ -18,8 +18,8 @@ run() {  # name, args...
 }
 # which groups to run (default all; one device call is capped at 10 minutes, so split them):
 #   bash bench/run_gpu.sh generate capture  /  bash bench/run_gpu.sh transcripts  /  bash bench/run_gpu.sh train
-# (train needs trl and datasets, which the GPU image lacks: install them first)
-for group in ${*:-generate capture transcripts train}; do
+# (train needs trl and datasets, serve fastapi, uvicorn and openai, which the GPU image lacks: install them first)
+for group in ${*:-generate capture transcripts train serve}; do
   case $group in
     generate)
       run generate-qwen3 bench.generate --device cuda --model-shape qwen3-4b
@@ -33,7 +33,10 @@ for group in ${*:-generate capture transcripts train}; do
       run transcripts-olmo2 bench.transcripts --device cuda --model-shape olmo2-7b --ref-conversations 2 ;;
     train)
       run train-lora-qwen3 bench.train_lora --device cuda ;;
-    *) echo "unknown group: $group (generate, capture, transcripts, train)"; exit 2 ;;
+    serve)
+      run serve-olmo2 bench.serve --device cuda --model-shape olmo2-7b
+      run serve-qwen3 bench.serve --device cuda --model-shape qwen3-4b ;;
+    *) echo "unknown group: $group (generate, capture, transcripts, train, serve)"; exit 2 ;;
   esac
 done
 python3 - "$OUT/results.jsonl" <<'EOF'

@@ -307,6 +307,7 @@ class _Batch:
         self.rows: list[_Row] = []
         long = dict(dtype=torch.long, device=self.dev)
         self.tok, self.length, self.key, self.step = (torch.zeros(cap, **long) for _ in range(4))
+        self.start = torch.zeros(cap, **long)  # rows start at column 0 (a captured step reads it: never freed)
         self.temperature = torch.ones(cap, device=self.dev)
         self.top_p = torch.ones(cap, device=self.dev)
         self.tables = RowTables(cap, loaded.hidden_size, self.dev, final_norm(loaded), loaded.num_layers)
@@ -422,7 +423,7 @@ class _Batch:
             logits = step()
         else:
             self.loaded.activate()
-            store.start = torch.zeros(nb, dtype=torch.long, device=self.dev)
+            store.start = self.start[:nb]
             with _engine_attention(self.loaded.model, store), self.tables.hooks(self.loaded.layers):
                 step = _DecodeStep(self.loaded.model, self.tok[:nb, None], self.length[:nb, None], self.bias[:nb],
                                    store, graph=self.graph)

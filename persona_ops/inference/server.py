@@ -430,10 +430,10 @@ def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict 
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
 
-    def monitor_json(p: _Plan, c: _Choice, upto: int | None = None) -> list[dict]:
+    def monitor_json(p: _Plan, c: _Choice) -> list[dict]:
         out = []
         for k, entry in enumerate(p.monitors):
-            values = [m[k] for m in c.monitor[:upto]]
+            values = [m[k] for m in c.monitor]
             threshold = p.thresholds[k]
             crossed = next((j for j, v in enumerate(values) if threshold is not None and v > threshold), None)
             out.append({**entry, "tokens": values, "mean": sum(values) / len(values) if values else None,

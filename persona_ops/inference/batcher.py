@@ -11,7 +11,7 @@ Each row keeps its own sampling parameters, steering edits and monitors:
 
 - Sampling is counter-based: a row's ``t``-th token is drawn at the uniform
   :func:`~persona_ops.inference.sampling.row_uniforms` of (its key, ``t``), its key being a hash
-  of the request's seed and the row's index, so a row's tokens never depend on the rest of the batch.
+  of the request's seed and the row's index, so a row's draws never depend on the rest of the batch.
 - Edits and monitors live in per-row tables that hooks on the decoder blocks read
   (:class:`RowTables`), so one captured decode step (a CUDA graph per batch size and cache length)
   serves any mix of coefficients, vectors and positions; only a larger layout (a new layer, or

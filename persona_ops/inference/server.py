@@ -10,7 +10,8 @@ logprobs (chat: ``logprobs``/``top_logprobs``; completions: ``logprobs=k``) and 
 
 Requests decode together (:mod:`persona_ops.inference.batcher`): each joins the running batch
 between steps and leaves when done; ``n`` completions are rows of the same batch. A seeded
-request gives the same completions whatever else is in the batch. Logprobs are the fp32
+request draws the same random numbers whatever else is in the batch (its completions are equal
+up to the floating-point differences a batch size makes in the matmuls). Logprobs are the fp32
 log-softmax of the model's raw logits at each position, i.e. **before** temperature and top-p,
 taken from the very forward that sampled the token; a completions request's echoed prompt is
 scored by one teacher-forced forward with the request's steering.

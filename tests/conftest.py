@@ -125,6 +125,17 @@ def persona_ops_cli(project, prefect_home):
         yield invoke
 
 
+def wait_until(condition, what: str, seconds: float = 60) -> None:
+    """Poll ``condition()`` until it holds; AssertionError naming ``what`` after ``seconds``."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen")
+        time.sleep(0.02)
+
+
 @contextlib.contextmanager
 def serve_app(app):
     """uvicorn serving ``app`` on a free 127.0.0.1 port in a background thread; yields the ``/v1`` URL

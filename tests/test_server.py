@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,7 +13,7 @@ import openai
 import pytest
 import torch
 import uvicorn
-from conftest import serve_app
+from conftest import serve_app, wait_until
 from typer.testing import CliRunner
 
 from persona_ops.chat import prompt_ids
@@ -270,14 +269,6 @@ def test_steered_sampled_logprobs_are_the_steered_models(steer_client, steer_mod
 KEY = "sk-test-SERVER-KEY-0123456789"
 
 
-def _wait_until(condition, what: str = "the server", seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not get there")
-        time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
 def keyed_url(tiny_loaded):
     with serve_app(create_app(tiny_loaded, api_key=KEY)) as url:
@@ -428,7 +419,7 @@ def test_full_queue_is_429_with_retry_after(smol_tokenizer):
         with serve_app(app) as url, openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60) as c, \
                 ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(_status, c, "tiny-gated") for _ in range(6)]
-            _wait_until(lambda: admission.inside + admission.refused == 6, "six requests")
+            wait_until(lambda: admission.inside + admission.refused == 6, "six requests")
             gate.set()
             answers = sorted(f.result() for f in futures)
     finally:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import openai
 import pytest
 import torch
-from conftest import serve_app
+from conftest import serve_app, wait_until
 
 from persona_ops.chat import prompt_ids
 from persona_ops.inference.server import ServerLimits, create_app
@@ -48,14 +47,6 @@ def served(smol_tokenizer, tmp_path_factory):
 
 def _ids(choice) -> list[int]:
     return [int(e.token.removeprefix("token_id:")) for e in choice.logprobs.content]
-
-
-def _wait_until(condition, what: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen")
-        time.sleep(0.02)
 
 
 def test_a_request_joins_a_running_batch_and_leaves_before_it(served):
@@ -193,8 +184,8 @@ def test_a_client_gone_frees_its_rows(served):
             if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                 break
         assert app.state.batcher.running() == 3
-    _wait_until(lambda: app.state.batcher.running() == 0, "the rows of a closed stream leaving")
-    _wait_until(lambda: app.state.admission.inside == 0, "the request leaving")
+    wait_until(lambda: app.state.batcher.running() == 0, "the rows of a closed stream leaving")
+    wait_until(lambda: app.state.admission.inside == 0, "the request leaving")
 
 
 def test_bad_monitor_and_batch_requests_are_400(served):

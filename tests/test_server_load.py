@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 import torch
-from conftest import serve_app
+from conftest import serve_app, wait_until
 
 from persona_ops.inference.server import ServerLimits, create_app
 
@@ -64,14 +63,6 @@ def _raw_status(client, body: bytes) -> tuple[int, str | None]:
     return resp.status_code, resp.headers.get("retry-after")
 
 
-def _wait_until(condition, what: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen")
-        time.sleep(0.02)
-
-
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -85,14 +76,14 @@ def test_a_full_queue_refuses_at_once(server):
     try:
         with ThreadPoolExecutor(CLIENTS) as pool:
             futures = [pool.submit(_status, client, seed=i) for i in range(CLIENTS)]
-            _wait_until(lambda: admission.inside + admission.refused - refused_before == CLIENTS,
+            wait_until(lambda: admission.inside + admission.refused - refused_before == CLIENTS,
                         "every client admitted or refused")
             gate.set()
             answers = [f.result(timeout=120) for f in futures]
     finally:
         gate.set()
     assert sorted(answers) == [(200, None)] * INSIDE + [(429, "1")] * (CLIENTS - INSIDE)
-    _wait_until(lambda: admission.inside == 0, "every request left")  # it leaves after its response is sent
+    wait_until(lambda: admission.inside == 0, "every request left")  # it leaves after its response is sent
     assert admission.peak == INSIDE
 
 
@@ -126,7 +117,7 @@ def test_many_clients_are_all_answered_and_memory_stays_bounded(server):
     good = [status for i, status, _ in answers if i >= 0 and i % 4 != 3]
     assert set(bad) <= {400, 429} and set(good) <= {200, 429}
     assert all(retry == "1" for _, status, retry in answers if status == 429)
-    _wait_until(lambda: admission.inside == 0, "every request left")
+    wait_until(lambda: admission.inside == 0, "every request left")
     assert admission.peak <= INSIDE
     # generous: requests hold small bodies and tiny KV caches; an unbounded queue of 32-row requests would not fit
     assert _rss_bytes() - rss < 512 << 20

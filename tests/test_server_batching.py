@@ -197,3 +197,30 @@ def test_bad_monitor_and_batch_requests_are_400(served):
                                                                                                  "layer": 7}]})
     with pytest.raises(openai.BadRequestError, match="decodes at most 8 together"):
         client.completions.create(model=MODEL, prompt=["a", "b", "c"], n=3, max_tokens=2)
+
+
+def test_the_kv_limit_counts_every_prompt_of_a_request(smol_tokenizer):
+    from persona_ops.models.loading import LoadedModel, tiny_model
+
+    loaded = LoadedModel(model=tiny_model("llama", num_layers=2, hidden=64, vocab_tokenizer=smol_tokenizer),
+                         tokenizer=smol_tokenizer, label="tiny-kv")
+    with serve_app(create_app(loaded, limits=ServerLimits(max_request_tokens=100))) as url, \
+            openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30) as client:
+        assert client.completions.create(model="tiny-kv", prompt=[[5] * 30], max_tokens=25).choices
+        with pytest.raises(openai.BadRequestError, match="summed over 2 prompts"):
+            client.completions.create(model="tiny-kv", prompt=[[5] * 30, [6] * 30], max_tokens=25)
+
+
+def test_n_completions_share_one_prefill_and_sample_apart(served):
+    """n rows of a prompt: one prefill (the first tokens' logprobs are equal), different samples."""
+    client, app, *_ = served
+    before = app.state.batcher.stats["rows"]
+    resp = client.chat.completions.create(model=MODEL, messages=MESSAGES, n=4, max_tokens=6, temperature=1.0,
+                                          seed=11, logprobs=True, top_logprobs=3)
+    assert app.state.batcher.stats["rows"] - before == 4
+    tops = [[t.logprob for t in c.logprobs.content[0].top_logprobs] for c in resp.choices]
+    assert all(t == tops[0] for t in tops)
+    assert len({c.message.content for c in resp.choices}) > 1
+    alone = client.chat.completions.create(model=MODEL, messages=MESSAGES, n=1, max_tokens=6, temperature=1.0,
+                                           seed=11)
+    assert alone.choices[0].message.content == resp.choices[0].message.content

@@ -50,6 +50,7 @@ from persona_ops.inference.engine import (
     _DecodeStep,
     _engine_attention,
     _fused_attention,
+    prefill_bias,
     prefill_groups,
 )
 from persona_ops.inference.sampling import row_uniforms, sample_rows
@@ -361,13 +362,31 @@ class _Batch:
             self.key[b], self.step[b] = s.key, 0
             self.temperature[b], self.top_p[b] = s.temperature, s.top_p
         self.rows.extend(new)
+        # rows of one request with the same prompt and edits (its n completions) share one prefill
+        leader: dict[tuple, int] = {}
+        copies = {i: leader.setdefault((id(r.job), id(r.spec.prompt), id(r.spec.edits), id(r.spec.monitors)), i)
+                  for i, r in enumerate(new)}
+        firsts = sorted(set(copies.values()), key=lambda i: len(new[i].spec.prompt))
+        done = {}
+        for g0, g1 in prefill_groups([len(new[i].spec.prompt) for i in firsts], self.prefill_tokens):
+            group = firsts[g0:g1]
+            done.update(zip(group, self._prefill([start + i for i in group], [new[i] for i in group])))
         out = []
-        order = sorted(range(len(new)), key=lambda i: len(new[i].spec.prompt))
-        lengths = [len(new[i].spec.prompt) for i in order]
-        for g0, g1 in prefill_groups(lengths, self.prefill_tokens):
-            group = [order[i] for i in range(g0, g1)]
-            out += self._prefill([start + i for i in group], [new[i] for i in group])
+        for i, first in copies.items():
+            if i != first:
+                self._copy_prefill(start + first, start + i)
+                new[i].length = new[first].length
+            _, _, logits, means, lasts = done[first]
+            out.append((new[i], start + i, logits, means, lasts))
         return out
+
+    def _copy_prefill(self, src: int, dst: int) -> None:
+        """Give row ``dst`` the cache of row ``src``'s prefill (the same prompt under the same edits)."""
+        for d in (self.store.keys, self.store.values):
+            for t in d.values():
+                t[dst] = t[src]
+        self.bias[dst] = self.bias[src]
+        self.length[dst] = self.length[src]
 
     def _prefill(self, index: list[int], rows: list[_Row]):
         dev, store = self.dev, self.store
@@ -381,9 +400,7 @@ class _Batch:
             real[i, width - len(p):] = True
         ids, real = ids.to(dev), real.to(dev)
         pos = (real.long().cumsum(1) - 1).clamp(min=0)
-        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
-        allowed = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=dev)[None]
-        mask = torch.zeros(k, 1, width, width, dtype=self.dtype, device=dev).masked_fill(~allowed[:, None], self.neg)
+        mask = prefill_bias(real, self.dtype)
         rows_t = torch.tensor(index, device=dev)
         lengths = torch.tensor([len(r.spec.prompt) for r in rows], device=dev)
         store.prefill, store.rows, store.cols = True, rows_t, slice(0, width)

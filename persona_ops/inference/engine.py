@@ -253,6 +253,16 @@ def stop_ids(loaded: LoadedModel) -> list[int]:
     return sorted(ids)
 
 
+def prefill_bias(real: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask ``[B, 1, T, T]`` of a left-padded prefill (``real [B, T]``: the real tokens):
+    causal over real keys; each position sees itself, so padding rows stay finite."""
+    width = real.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()
+    allowed = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=real.device)[None]
+    return torch.zeros(real.shape[0], 1, width, width, dtype=dtype, device=real.device).masked_fill(
+        ~allowed[:, None], torch.finfo(dtype).min)
+
+
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
@@ -374,10 +384,7 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
         width = len(prompts[r1 - 1])
         store.rows, store.cols = slice(r0, r1), slice(plen - width, plen)
         g_real, g_ids, g_pos = (x[r0:r1, plen - width:] for x in (real, ids, pos))
-        # causal over real keys; each position sees itself so padding rows stay finite
-        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
-        allowed = (causal[None] & g_real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=dev)[None]
-        bias = torch.zeros(r1 - r0, 1, width, width, dtype=dtype, device=dev).masked_fill(~allowed[:, None], neg)
+        bias = prefill_bias(g_real, dtype)
         if steerer is not None:
             steerer.select_rows(rows[r0:r1])
             last = torch.zeros_like(g_real)

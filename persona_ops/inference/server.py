@@ -36,7 +36,7 @@ Persona-ops extensions (the openai client's ``extra_body``):
 with the model as ``parent``; the same as sending ``adapter``); another name gets 404
 ``model_not_found``. With an API key (``--api-key`` or ``PERSONA_OPS_SERVER_API_KEY``) every path
 wants ``Authorization: Bearer KEY`` (401 otherwise). Limits (:class:`ServerLimits`): prompt plus
-``max_tokens`` within the model's context; ``n`` x (prompt + ``max_tokens``) within
+``max_tokens`` within the model's context; ``n`` x (prompt + ``max_tokens``), summed over the prompts, within
 ``max_request_tokens``; a request's rows within ``max_batch``; 400 beyond any. At most
 ``max_batch + max_queue`` requests are inside; one more gets 429 with ``Retry-After``
 (:mod:`persona_ops.inference.admission`).
@@ -328,9 +328,14 @@ def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict 
         interventions = steering(req)
         monitors, answered, thresholds = monitor_specs(req)
         seed = req.seed if req.seed is not None else random.getrandbits(63)
-        rows = []
+        rows, reserved = [], 0
         for p, prompt in enumerate(prompts):
             budget = token_budget(len(prompt), max_tokens, req.n, context, limits.max_request_tokens)
+            reserved += req.n * (len(prompt) + budget)
+            if reserved > limits.max_request_tokens:
+                raise BadRequest(f"the prompts' KV cache, n x (prompt + max_tokens) summed over {len(prompts)} "
+                                 f"prompts, is {reserved}+ tokens; this server's limit is "
+                                 f"{limits.max_request_tokens}: send fewer prompts per request", "prompt")
             if budget:
                 rows += [RowSpec(prompt, budget, req.temperature, req.top_p, row_key(seed, p * req.n + j), top_k,
                                  interventions, monitors) for j in range(req.n)]

@@ -6,13 +6,13 @@ the end), temperature 1 with its own seed, steered (``add`` at ``--layer`` with 
 0, 2, 4, 8) and spread over the base model and two LoRA adapters (r=16 on q/k/v/o, random
 weights): a third each. The real app (uvicorn on 127.0.0.1) serves them to the official
 ``openai`` async client. Sequential: each request alone, in turn (what a server answering one
-at a time gives at best). Concurrent: all at once (continuous batching; rows batched per adapter).
+at a time gives at best). Concurrent: all at once (continuous batching; adapters applied per row).
 Each phase runs once untimed first (CUDA graph captures; sequential: one request per adapter),
 then timed. The word-level tokenizer
 maps token ``i`` to the word ``t{i}``, so prompts are exact token ids.
 
-Bound: at the concurrent phase's rows, a decode step must read the weights once per adapter
-batch and every row's KV cache; with the copy bandwidth measured in the same run that gives
+Bound: at the concurrent phase's rows, a decode step must read the weights (and the adapters')
+once and every row's KV cache; with the copy bandwidth measured in the same run that gives
 the fastest possible aggregate new tok/s.
 
     python -m bench.serve --device cuda --model-shape olmo2-7b
@@ -141,11 +141,11 @@ def graph_check() -> dict:
         want = [generate_tokens(lm, [p], greedy, e, eos_ids=[])[0] for p in prompts for e in ((), edit)]
 
         async def batched(m=m, lm=lm, edit=edit):
-            b = Batcher(m, max_rows=16)
+            b = Batcher(lm, max_rows=16)
             jobs = []
             for i, p in enumerate(prompts):
                 for e in ((), edit):
-                    jobs.append(b.submit(Job([RowSpec(p, 12, 0.0, 1.0, row_key(0, 0), edits=e)], lm, None, [])))
+                    jobs.append(b.submit(Job([RowSpec(p, 12, 0.0, 1.0, row_key(0, 0), edits=e)], None, [])))
                 await asyncio.sleep(0.01)  # later rows join a running batch
             rows = []
             for job in jobs:
@@ -211,7 +211,7 @@ def main() -> None:
         getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) * 2
     mean_prompt = statistics.mean(len(p) for p in prompts) + 1
     kv_step = args.requests * (mean_prompt + args.new_tokens / 2) * kv_per_token  # mean cache read per step
-    step_bytes = 3 * weights + kv_step  # three adapter batches each read the weights
+    step_bytes = weights + kv_step  # one forward for every row, whatever its adapter
     bound = args.requests / (step_bytes / bandwidth) if dev == "cuda" else None
     conc = phases["concurrent"]
     figures = {

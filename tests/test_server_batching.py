@@ -67,7 +67,8 @@ def test_a_request_joins_a_running_batch_and_leaves_before_it(served):
 
 
 def test_base_and_adapter_rows_decode_together_as_alone(served):
-    """Concurrent requests on the base model and on its adapter (batched per adapter) give what each gives alone."""
+    """Concurrent requests on the base model and on its adapter (one batch, adapters applied per row) give what
+    each gives alone."""
     client, app, *_ = served
     requests = [dict(model=m, messages=[{"role": "user", "content": f"Question {i}?"}], max_tokens=6, temperature=t,
                      seed=i) for i, (m, t) in enumerate([(MODEL, 0), ("lora", 0), (MODEL, 1.0), ("lora", 0.8)] * 2)]
@@ -84,7 +85,7 @@ def test_base_and_adapter_rows_decode_together_as_alone(served):
     alone = [client.chat.completions.create(**r).choices[0].message.content for r in requests]
     assert results == alone
     assert alone[0] != alone[1]  # the adapter changes the model
-    assert set(app.state.batcher.batches) == {None, "lora"}
+    assert app.state.batcher.stats["peak_rows"] >= 2
 
 
 def test_stream_is_the_same_completion_chunk_by_chunk(served):

@@ -21,10 +21,11 @@ Each row keeps its own sampling parameters, steering edits and monitors:
   the ``response`` steering positions), read in the forward that samples it, after the edits at
   that layer; layer ``num_layers`` reads after the final norm, as capture does.
 
-Adapters: a LoRA layer applies one adapter to a whole forward (PEFT), and mixing adapters within
-a forward would split every LoRA layer by rows that change as requests come and go, which a
-captured step cannot follow. So rows are batched by adapter: each adapter with running rows has
-its own :class:`_Batch` (KV cache, tables, captured steps) and the loop steps them in turn.
+Adapters: per row. The LoRA deltas of every served adapter are applied by row, from a mask table
+(:class:`~persona_ops.inference.row_lora.RowLora`), so rows of the base model and of any adapters
+decode in one forward: one batch, one captured step, the weights read once per step. (Batches by
+adapter would step one forward per adapter, each reading all the weights and paying the host's
+work per step again.)
 
 Layout: a batch's running rows are packed at the first rows of its cache, left-aligned (column =
 position id), so a decode step writes column ``length[r]`` of row ``r`` and attends over
@@ -53,6 +54,7 @@ from persona_ops.inference.engine import (
     prefill_bias,
     prefill_groups,
 )
+from persona_ops.inference.row_lora import RowLora
 from persona_ops.inference.sampling import row_uniforms, sample_rows
 from persona_ops.interp.capture import final_norm
 from persona_ops.interp.interventions import Intervention
@@ -118,9 +120,9 @@ class Job:
     ``every_token`` (streaming, stop strings), else all at once when the last row ends (the
     event loop then does no work per step, and the model's thread never waits for it)."""
 
-    def __init__(self, rows: Sequence[RowSpec], adapter: LoadedModel, adapter_name: str | None,
-                 eos: Sequence[int], loop: asyncio.AbstractEventLoop | None = None, every_token: bool = True):
-        self.rows, self.adapter, self.adapter_name, self.eos = list(rows), adapter, adapter_name, set(eos)
+    def __init__(self, rows: Sequence[RowSpec], adapter: str | None, eos: Sequence[int],
+                 loop: asyncio.AbstractEventLoop | None = None, every_token: bool = True):
+        self.rows, self.adapter, self.eos = list(rows), adapter, set(eos)
         self.every_token = every_token
         self.loop = loop or asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
@@ -296,9 +298,9 @@ def _bucket(n: int, cap: int) -> int:
 
 
 class _Batch:
-    """The running rows of one adapter: their KV cache, state tensors, tables and captured steps."""
+    """The running rows: their KV cache, state tensors, tables and captured steps."""
 
-    def __init__(self, loaded: LoadedModel, cap: int, graph: bool, prefill_tokens: int):
+    def __init__(self, loaded: LoadedModel, cap: int, graph: bool, prefill_tokens: int, adapters: dict[str, str]):
         self.loaded, self.cap, self.graph, self.prefill_tokens = loaded, cap, graph, prefill_tokens
         model = loaded.model
         self.dev = loaded.device
@@ -312,6 +314,7 @@ class _Batch:
         self.temperature = torch.ones(cap, device=self.dev)
         self.top_p = torch.ones(cap, device=self.dev)
         self.tables = RowTables(cap, loaded.hidden_size, self.dev, final_norm(loaded), loaded.num_layers)
+        self.lora = RowLora(model, adapters, cap) if adapters else None
         self.allocated, self.columns = 0, 0  # rows and columns of the KV cache (grown as needed)
         self.store: KVStore | None = None
         self.bias: torch.Tensor | None = None
@@ -344,11 +347,23 @@ class _Batch:
             for k in d.values():
                 k[dst] = k[src]
         self.tables.move(src, dst)
+        if self.lora is not None:
+            self.lora.move(src, dst)
 
     def _free(self, r: int) -> None:
         self.bias[r] = self.neg
         self.length[r] = self.tok[r] = 0
         self.tables.clear(r)
+        if self.lora is not None:
+            self.lora.clear(r)
+
+    def _applied(self, select: slice | torch.Tensor):
+        """The forward's hooks: the rows' edits and monitors, and their adapters."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.tables.hooks(self.loaded.layers))
+        if self.lora is not None:
+            stack.enter_context(self.lora.applied(select))
+        return stack
 
     # ----------------------------------------------------------------- admission
     def admit(self, new: list[_Row]) -> list[tuple[_Row, int, torch.Tensor, list[float], list[float]]]:
@@ -359,6 +374,10 @@ class _Batch:
         for i, row in enumerate(new):
             b, s = start + i, row.spec
             row.monitor_slots = self.tables.assign(b, s)
+            if self.lora is not None:
+                self.lora.assign(b, row.job.adapter)
+            elif row.job.adapter is not None:
+                raise KeyError(f"adapter {row.job.adapter!r} is not served")
             self.key[b], self.step[b] = s.key, 0
             self.temperature[b], self.top_p[b] = s.temperature, s.top_p
         self.rows.extend(new)
@@ -408,7 +427,8 @@ class _Batch:
         last = torch.zeros_like(real)
         last[:, -1] = True
         self.tables.for_prefill(rows_t, real, last)
-        with _engine_attention(self.loaded.model, store), self.tables.hooks(self.loaded.layers):
+        self.loaded.activate()  # the base weights: adapters are applied by row
+        with _engine_attention(self.loaded.model, store), self._applied(rows_t):
             logits = self.loaded.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False,
                                        logits_to_keep=1).logits[:, -1].float()
         store.shift = store.prefill_pos = None
@@ -436,12 +456,12 @@ class _Batch:
         self.tables.for_decode(nb)
         key = (nb, self.columns, self.tables.layout())
         step = self.steps.get(key)
-        if step is not None and step.graph is not None:  # a replay: no Python forward, no adapter switch
+        if step is not None and step.graph is not None:  # a replay: no Python forward
             logits = step()
         else:
             self.loaded.activate()
             store.start = self.start[:nb]
-            with _engine_attention(self.loaded.model, store), self.tables.hooks(self.loaded.layers):
+            with _engine_attention(self.loaded.model, store), self._applied(slice(0, nb)):
                 step = _DecodeStep(self.loaded.model, self.tok[:nb, None], self.length[:nb, None], self.bias[:nb],
                                    store, graph=self.graph)
                 if self.graph:
@@ -462,16 +482,21 @@ class _Batch:
 
 
 class Batcher:
-    """The model's thread: admits jobs, prefills them, steps every batch, emits tokens."""
+    """The model's thread: admits jobs, prefills them, steps the batch, emits tokens.
 
-    def __init__(self, model: torch.nn.Module, max_rows: int = 32, prefill_tokens: int | None = None,
-                 cuda_graph: bool | None = None):
-        self.model, self.max_rows = model, max_rows
-        self.prefill_tokens = prefill_tokens
-        self.cuda_graph = cuda_graph
+    ``loaded``: the base model (``activate()`` turns its PEFT adapters off); ``adapters``: served
+    name -> PEFT adapter name of the adapters attached to it, applied per row (a job's ``adapter``).
+    """
+
+    def __init__(self, loaded: LoadedModel, max_rows: int = 32, prefill_tokens: int | None = None,
+                 cuda_graph: bool | None = None, adapters: dict[str, str] | None = None):
+        self.model, self.max_rows = loaded.model, max_rows
+        dev = loaded.device
+        graph = dev.type == "cuda" if cuda_graph is None else (cuda_graph and dev.type == "cuda")
+        self.batch = _Batch(loaded, max_rows, graph, prefill_tokens or (8192 if dev.type == "cuda" else 1024),
+                            dict(adapters or {}))
         self.waiting: deque[Job] = deque()
         self.calls: deque[tuple[Callable, asyncio.Future, asyncio.AbstractEventLoop]] = deque()
-        self.batches: dict[str | None, _Batch] = {}
         self.stats = {"peak_rows": 0, "steps": 0, "admitted": 0, "rows": 0}
         self._cond = threading.Condition()
         self._stop = False
@@ -504,7 +529,7 @@ class Batcher:
 
     # ----------------------------------------------------------------- the model's thread
     def running(self) -> int:
-        return sum(len(b.rows) for b in self.batches.values())
+        return len(self.batch.rows)
 
     def _loop(self) -> None:
         with torch.inference_mode(), packed_linears(self.model):  # packed once, for the thread's life
@@ -528,15 +553,11 @@ class Batcher:
                         rows += len(job.rows)
             for fn, future, loop in calls:
                 self._run_call(fn, future, loop)
-            by_adapter: dict[str | None, list[Job]] = {}
-            for job in admitted:
-                by_adapter.setdefault(job.adapter_name, []).append(job)
-            for jobs in by_adapter.values():  # one prefill (and adapter switch) for each adapter's new rows
-                self._guard(jobs, lambda jobs=jobs: self._admit(jobs))
+            if admitted:  # one prefill for the new rows, whatever their adapters
+                self._guard(admitted, lambda: self._admit(admitted))
             self.stats["peak_rows"] = max(self.stats["peak_rows"], self.running())
-            for batch in list(self.batches.values()):
-                if batch.rows:
-                    self._guard({r.job for r in batch.rows}, lambda batch=batch: self._step(batch), batch)
+            if self.batch.rows:
+                self._guard({r.job for r in self.batch.rows}, self._step)
 
     @staticmethod
     def _run_call(fn, future, loop) -> None:
@@ -548,7 +569,7 @@ class Batcher:
         else:
             loop.call_soon_threadsafe(_settle, future, result, None)
 
-    def _guard(self, jobs, fn, batch: _Batch | None = None) -> None:
+    def _guard(self, jobs, fn) -> None:
         """Run ``fn``; on an error, fail ``jobs`` with it and drop their rows."""
         try:
             fn()
@@ -556,26 +577,12 @@ class Batcher:
             log.exception("generation failed")
             for job in jobs:
                 job._emit(e)
-            if batch is not None:
-                batch.remove(list(range(len(batch.rows))))
-            else:
-                for b in self.batches.values():
-                    b.remove([i for i, r in enumerate(b.rows) if r.job in jobs])
-
-    def _batch(self, job: Job) -> _Batch:
-        batch = self.batches.get(job.adapter_name)
-        if batch is None:
-            loaded = job.adapter
-            dev = loaded.device
-            graph = dev.type == "cuda" if self.cuda_graph is None else (self.cuda_graph and dev.type == "cuda")
-            batch = self.batches[job.adapter_name] = _Batch(
-                loaded, self.max_rows, graph, self.prefill_tokens or (8192 if dev.type == "cuda" else 1024))
-        return batch
+            b = self.batch
+            b.remove([i for i, r in enumerate(b.rows) if r.job in jobs])
 
     def _admit(self, jobs: list[Job]) -> None:
-        """Prefill the rows of ``jobs`` (one adapter's) into its batch and emit their first tokens."""
-        batch = self._batch(jobs[0])
-        jobs[0].adapter.activate()
+        """Prefill the rows of ``jobs`` into the batch and emit their first tokens."""
+        batch = self.batch
         first = batch.admit([_Row(job, i, spec) for job in jobs for i, spec in enumerate(job.rows)])
         self.stats["admitted"] += len(jobs)
         self.stats["rows"] += len(first)
@@ -584,7 +591,8 @@ class Batcher:
         self._emit_tokens(batch, [f[0] for f in first], [f[1] for f in first], torch.stack([f[2] for f in first]),
                           [f[4] for f in first], decoded=False)
 
-    def _step(self, batch: _Batch) -> None:
+    def _step(self) -> None:
+        batch = self.batch
         logits, monitor = batch.decode()
         self.stats["steps"] += 1
         self._emit_tokens(batch, list(batch.rows), list(range(len(batch.rows))), logits, monitor, decoded=True)

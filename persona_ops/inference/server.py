@@ -137,6 +137,7 @@ class _Choice:
         self.text, self.sent = "", 0
         self.generated = 0  # tokens generated, a stopping end-of-sequence token included
         self.finish: str | None = None
+        self._decoded, self._context, self._read = "", 0, 0  # incremental decoding (see _text)
 
     def add(self, event: Token) -> str:
         """Take the next token; return the text that may be sent now."""
@@ -149,7 +150,7 @@ class _Choice:
             self.top.append(event.top)
             self.monitor.append(event.monitor or [])
         self.finish = event.finish
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._text()
         hits = [text.index(s) for s in self.stop if s in text]
         if hits:
             self._cut(text[:min(hits)])
@@ -159,6 +160,20 @@ class _Choice:
         delta = self.text[self.sent:max(self.sent, safe)]
         self.sent = max(self.sent, safe)
         return delta
+
+    def _text(self) -> str:
+        """The text of ``ids``, decoded a few tokens at a time: the tokens after ``_read`` are decoded
+        with those from ``_context`` before them (so a word's leading space is kept) and their new
+        characters appended once they form whole characters; the final text is one full decode."""
+        decode = self.tokenizer.decode
+        if self.finish is not None:
+            return decode(self.ids, skip_special_tokens=True)
+        before = decode(self.ids[self._context:self._read], skip_special_tokens=True)
+        after = decode(self.ids[self._context:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._decoded += after[len(before):]
+            self._context, self._read = self._read, len(self.ids)
+        return self._decoded
 
     def _cut(self, text: str) -> None:
         """End at a stop string: keep ``text`` and the tokens that start before its end."""
@@ -250,9 +265,12 @@ def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict 
     served_name = served_name or loaded.label
     if served_name in adapters:
         raise InputError(f"adapter {served_name!r}: the served model has that name already")
-    pool, base = _pool_of(loaded)  # adapters attached once, switched per batch
-    batcher = Batcher(loaded.model, max_rows=limits.max_batch)
+    pool, base = _pool_of(loaded)  # every adapter attached at the start; generation applies them per row
     models: dict[str | None, LoadedModel] = {None: pool.get(base)}
+    refs = {name: base.resolved(directory) for name, directory in adapters.items()}
+    models.update({name: pool.get(ref) for name, ref in refs.items()})
+    batcher = Batcher(models[None], max_rows=limits.max_batch,
+                      adapters={name: pool.adapter_name(ref) for name, ref in refs.items()})
     token_bytes = TokenBytes(loaded.tokenizer)
     eos = stop_ids(loaded)
     context = getattr(loaded.model.config, "max_position_embeddings", None) or 10 ** 9
@@ -388,13 +406,6 @@ def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict 
             param = what.replace("[", ".").replace("]", "")
             raise BadRequest(f"{what} {layer}: expected 1..{loaded.num_layers}", param)
 
-    async def model_for(adapter: str | None) -> LoadedModel:
-        """The served model with ``adapter`` attached (attached on the model's thread, once)."""
-        if adapter not in models:
-            ref = base.resolved(adapters[adapter])
-            models[adapter] = await batcher.call(lambda: pool.get(ref))
-        return models[adapter]
-
     # --------------------------------------------------------------- generation
     async def run(p: _Plan, choices: list[_Choice], request: Request,
                   stream: bool) -> AsyncIterator[tuple[int, str, int]]:
@@ -402,8 +413,7 @@ def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict 
         when streaming or watching for stop strings, else all at the end)."""
         if not p.rows:
             return
-        job = batcher.submit(Job(p.rows, await model_for(p.adapter), p.adapter, eos,
-                                 every_token=stream or bool(p.stop)))
+        job = batcher.submit(Job(p.rows, p.adapter, eos, every_token=stream or bool(p.stop)))
         try:
             while any(c.finish is None for c in choices):
                 try:
@@ -551,7 +561,7 @@ def create_app(loaded: LoadedModel, vectors: dict | None = None, adapters: dict 
         if req.max_tokens == 0:
             for c in choices:
                 c.finish = "length"
-        scores = (await echo_scores(p, await model_for(p.adapter), top_k or 0)
+        scores = (await echo_scores(p, models[p.adapter], top_k or 0)
                   if req.echo and top_k is not None else None)
         head = {**header("cmpl", req), "object": "text_completion"}
 

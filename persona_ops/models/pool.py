@@ -68,6 +68,11 @@ class ModelPool:
                              activator=lambda: self._switch(base, name))
         return loaded.activate()
 
+    def adapter_name(self, ref: ModelRef) -> str:
+        """The PEFT name under which :meth:`get` attached ``ref``'s adapter."""
+        directory = str(check_checkpoint(ref.adapter))
+        return self._base(ref).adapters[(directory, adapter_sha256(directory))]
+
     def plain(self, ref: ModelRef) -> LoadedModel:
         """The base model with no adapter layers at all (what training wraps in its own LoRA)."""
         base = self._base(ref)

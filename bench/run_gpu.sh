@@ -18,8 +18,10 @@ run() {  # name, args...
 }
 # which groups to run (default all; one device call is capped at 10 minutes, so split them):
 #   bash bench/run_gpu.sh generate capture  /  bash bench/run_gpu.sh transcripts  /  bash bench/run_gpu.sh train
-# (train needs trl and datasets, serve fastapi, uvicorn and openai, which the GPU image lacks: install them first)
-for group in ${*:-generate capture transcripts train serve}; do
+# (train needs trl and datasets, serve fastapi, uvicorn and openai, fanout dask and distributed, which the GPU
+# image lacks: install them first). fanout runs one Dask worker per entry of FANOUT_WORKERS (default 0,1: one
+# per GPU; 0,0: two workers sharing GPU 0).
+for group in ${*:-generate capture transcripts train serve fanout}; do
   case $group in
     generate)
       run generate-qwen3 bench.generate --device cuda --model-shape qwen3-4b
@@ -36,7 +38,9 @@ for group in ${*:-generate capture transcripts train serve}; do
     serve)
       run serve-olmo2 bench.serve --device cuda --model-shape olmo2-7b
       run serve-qwen3 bench.serve --device cuda --model-shape qwen3-4b ;;
-    *) echo "unknown group: $group (generate, capture, transcripts, train, serve)"; exit 2 ;;
+    fanout)
+      run fanout-olmo2 bench.fanout --device cuda --model-shape olmo2-7b --workers "${FANOUT_WORKERS:-0,1}" ;;
+    *) echo "unknown group: $group (generate, capture, transcripts, train, serve, fanout)"; exit 2 ;;
   esac
 done
 python3 - "$OUT/results.jsonl" <<'EOF'
@@ -45,6 +49,6 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     keys = [k for k in r if "speedup" in k or k.endswith("tokens_per_s") or "peak" in k or k in
             ("steering_cost_pct", "coef0_identical_to_unsteered", "greedy_check", "engine_stats", "variant",
-             "compile", "sweep")]
+             "compile", "sweep", "one_worker", "fan_out")]
     print(r["bench"], r["model_shape"], {k: r[k] for k in keys})
 EOF

@@ -131,6 +131,22 @@ def environment(device: str) -> dict:
     return env
 
 
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    if device != "cuda":
+        return float("nan")
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * 10 * x.numel() / (time.perf_counter() - t0)
+
+
 def emit(figures: dict) -> None:
     """Print the figures as the last line of output (one JSON object)."""
     print(json.dumps(figures, sort_keys=False), flush=True)

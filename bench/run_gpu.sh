@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The GPU benchmarks: capture, steered generation and decode attention for the OLMo-2-7B and Qwen3-4B shapes,
+# The GPU benchmarks: capture, steered generation, decode attention and decode GEMMs for the OLMo-2-7B and Qwen3-4B shapes,
 # role transcripts + role capture for OLMo-2-7B, LoRA SFT for Qwen3-4B, each side by side with its reference.
 # Logs and the final JSON lines go to ${OUT:-/tmp/persona-ops-bench}.
 set -u
 OUT=${OUT:-/tmp/persona-ops-bench}
 mkdir -p "$OUT"
+if [ -n "${WHEELS:-}" ]; then  # the packages the GPU image lacks (bench/gpu_wheels.sh)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$(pwd)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c \
   'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'; } \
@@ -18,16 +22,18 @@ run() {  # name, args...
 }
 # which groups to run (default all; one device call is capped at 10 minutes, so split them):
 #   bash bench/run_gpu.sh generate capture  /  bash bench/run_gpu.sh transcripts  /  bash bench/run_gpu.sh train
-# (train needs trl and datasets, serve fastapi, uvicorn and openai, fanout dask and distributed, which the GPU
-# image lacks: install them first). fanout runs one Dask worker per entry of FANOUT_WORKERS (default 0,1: one
-# per GPU; 0,0: two workers sharing GPU 0).
+# The GPU image lacks pydantic (every group), the server's packages (serve) and dask (fanout): make them with
+# `bash bench/gpu_wheels.sh .whl` here and run with WHEELS=.whl; train needs trl and datasets, installed first.
+# fanout runs one Dask worker per entry of FANOUT_WORKERS (default 0,1: one per GPU; 0,0: two sharing GPU 0).
 for group in ${*:-generate capture transcripts train serve fanout}; do
   case $group in
     generate)
       run generate-qwen3 bench.generate --device cuda --model-shape qwen3-4b
       run generate-olmo2 bench.generate --device cuda --model-shape olmo2-7b --sweep 4 --profile
       run attention-olmo2 bench.decode_attention --device cuda --model-shape olmo2-7b
-      run attention-qwen3 bench.decode_attention --device cuda --model-shape qwen3-4b ;;
+      run attention-qwen3 bench.decode_attention --device cuda --model-shape qwen3-4b
+      run gemm-olmo2 bench.decode_gemm --device cuda --model-shape olmo2-7b
+      run gemm-qwen3 bench.decode_gemm --device cuda --model-shape qwen3-4b ;;
     capture)
       run capture-olmo2 bench.capture --device cuda --model-shape olmo2-7b
       run capture-qwen3 bench.capture --device cuda --model-shape qwen3-4b ;;

@@ -29,7 +29,8 @@ import time
 
 import torch
 
-from bench.common import build_model, emit, environment, parse_args, peak_gib, random_tokens, reset_peak
+from bench.common import (build_model, copy_bandwidth, emit, environment, parse_args, peak_gib, random_tokens,
+                          reset_peak)
 from persona_ops.inference.engine import STATS
 
 COEFS = (0.0, 2.0, 4.0, 8.0)
@@ -46,22 +47,6 @@ def word_tokenizer(vocab: int):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0")
     fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     return fast
-
-
-def copy_bandwidth(device: str) -> float:
-    """Bytes per second of a large device-to-device copy (read + write)."""
-    if device != "cuda":
-        return float("nan")
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * 10 * x.numel() / (time.perf_counter() - t0)
 
 
 def make_adapters(loaded, root: str, count: int = 2) -> dict[str, str]:

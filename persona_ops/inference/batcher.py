@@ -59,6 +59,7 @@ from persona_ops.inference.sampling import row_uniforms, sample_rows
 from persona_ops.interp.capture import final_norm
 from persona_ops.interp.interventions import Intervention
 from persona_ops.kernels.cpu_linear import packed_linears
+from persona_ops.kernels.fused_projections import fused_projections
 from persona_ops.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -532,7 +533,8 @@ class Batcher:
         return len(self.batch.rows)
 
     def _loop(self) -> None:
-        with torch.inference_mode(), packed_linears(self.model):  # packed once, for the thread's life
+        # packed (CPU) and fused (GPU) once, for the thread's life
+        with torch.inference_mode(), packed_linears(self.model), fused_projections(self.model):
             self._serve()
 
     def _serve(self) -> None:

@@ -45,6 +45,7 @@ from persona_ops.inference.sampling import SamplingParams, sample_next
 from persona_ops.interp.interventions import Intervention, Steerer
 from persona_ops.kernels.compile import compiled_blocks
 from persona_ops.kernels.cpu_linear import packed_linears
+from persona_ops.kernels.fused_projections import fused_projections
 from persona_ops.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -459,7 +460,8 @@ def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sa
     results: list[list[int]] = [[] for _ in prompt_ids]
     steerer = Steerer(loaded.layers, interventions, num_rows=len(prompt_ids)) if interventions else None
     eos_set = set(eos_list)
-    with steerer if steerer is not None else contextlib.nullcontext(), packed_linears(loaded.model):
+    with (steerer if steerer is not None else contextlib.nullcontext(), packed_linears(loaded.model),
+          fused_projections(loaded.model)):
         for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", leave=False,
                           disable=not progress):
             chunk = order[start:start + batch_size]

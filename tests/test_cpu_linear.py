@@ -22,7 +22,8 @@ def test_same_logits_and_restored(dtype, tol):
         plain = model(input_ids=ids).logits.float()
         with packed_linears(model):
             n_linear = sum(type(m) is torch.nn.Linear for m in model.modules())
-            assert len(_patched(model)) == n_linear > 0
+            assert n_linear > 0  # bf16 is packed only where the CPU has oneDNN's bf16 kernels
+            assert len(_patched(model)) == (n_linear if dtype in cpu_linear.packed_dtypes() else 0)
             packed = model(input_ids=ids).logits.float()
     assert not _patched(model)
     assert (packed - plain).abs().max() <= tol * plain.abs().max()

@@ -1,1 +1,2 @@
-"""Low-level kernels: oneDNN CPU linears, the Triton decode attention, torch.compile of blocks."""
+"""Low-level kernels: oneDNN CPU linears, fused GPU projections, the Triton decode attention, torch.compile of
+blocks."""

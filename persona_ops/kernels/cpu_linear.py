@@ -3,9 +3,10 @@
 On CPU, ``F.linear`` runs MKL's GEMM. At the row counts of decoding and capture (20-500 rows,
 576-4096 features) oneDNN's JIT kernels on a weight reordered once into their blocked layout
 are 1.3-2x faster on AVX-512 hosts (``python -m bench.cpu_linear``; bench/RESULTS.md). While
-:func:`packed_linears` is active, every plain ``nn.Linear`` of a CPU model in fp32/bf16 runs
-``torch.ops.mkldnn._linear_pointwise`` on its packed weight. Layers that need autograd, and
-inputs of another dtype, take the usual path; a weight changed in place is packed again.
+:func:`packed_linears` is active, every plain ``nn.Linear`` of a CPU model in fp32 (and bf16 where
+the CPU has oneDNN's bf16 kernels) runs ``torch.ops.mkldnn._linear_pointwise`` on its packed weight.
+Layers that need autograd, and inputs of another dtype, take the usual path; a weight changed in
+place is packed again.
 
 The packed copies cost as much memory as the linear weights while the context is open.
 ``PERSONA_OPS_PACKED_LINEARS=0`` turns the path off.
@@ -20,8 +21,14 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from persona_ops.kernels.forwards import replaced_forwards
+
 ENABLED = os.environ.get("PERSONA_OPS_PACKED_LINEARS", "1") != "0"
-_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def packed_dtypes() -> tuple[torch.dtype, ...]:
+    """fp32, and bf16 where the CPU has oneDNN's bf16 kernels (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
 
 
 def available() -> bool:
@@ -56,15 +63,8 @@ def packed_linears(model: torch.nn.Module) -> Iterator[None]:
 
     A no-op for models on other devices; nested use keeps the outer packing.
     """
-    patched: list[torch.nn.Module] = []
-    if available():
-        for m in model.modules():
-            if (type(m) is torch.nn.Linear and "forward" not in m.__dict__ and m.weight.device.type == "cpu"
-                    and m.weight.dtype in _DTYPES):
-                m.forward = _PackedForward(m)
-                patched.append(m)
-    try:
+    dtypes = packed_dtypes() if available() else ()
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__
+              and m.weight.device.type == "cpu" and m.weight.dtype in dtypes]
+    with replaced_forwards((m, _PackedForward(m)) for m in layers):
         yield
-    finally:
-        for m in patched:
-            del m.forward

@@ -22,6 +22,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from persona_ops.kernels.forwards import replaced_forwards
+
 ENABLED = os.environ.get("PERSONA_OPS_FUSED_PROJECTIONS", "1") != "0"
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 DEVICE_TYPES = ("cuda",)  # where fusing pays (on the CPU, cpu_linear's packed weights do instead)
@@ -97,7 +99,7 @@ def fused_projections(model: torch.nn.Module) -> Iterator[None]:
     """Run the projections of ``model`` that share an input as one GEMM each, for the duration.
 
     A no-op for models on other devices; nested use keeps the outer fusion."""
-    patched: list[torch.nn.Module] = []
+    replacements = []
     for module in model.modules() if ENABLED else ():
         for names in GROUPS:
             layers = [getattr(module, n, None) for n in names]
@@ -106,11 +108,6 @@ def fused_projections(model: torch.nn.Module) -> Iterator[None]:
             group = _GROUPS.get(layers[0])
             if group is None or not group.intact():
                 group = _GROUPS[layers[0]] = _Group(layers)
-            for i, m in enumerate(layers):
-                m.forward = group.forward_of(i)
-                patched.append(m)
-    try:
+            replacements += [(m, group.forward_of(i)) for i, m in enumerate(layers)]
+    with replaced_forwards(replacements):
         yield
-    finally:
-        for m in patched:
-            del m.forward

@@ -68,3 +68,16 @@ def test_autograd_takes_the_plain_path_and_replaced_weights_are_restacked(on_cpu
         with fp.fused_projections(model):
             got = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fused_model_is_freed_with_its_last_reference(on_cpu):
+    import gc
+    import weakref
+
+    model = tiny_model("llama", num_layers=1, hidden=32, seed=3)
+    with fp.fused_projections(model), torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -8,15 +8,15 @@ While :func:`fused_projections` is active, the projections of one block that rea
 layers of one dtype on one CUDA device, run as one GEMM over their stacked weights: the first
 call computes every output, the others return their slices of it. The stacking costs no memory:
 the first time, the layers' weights (and biases) become views into one stacked tensor, and stay
-so (ordinary parameters, written in place as before). Autograd takes the usual path.
-``PERSONA_OPS_FUSED_PROJECTIONS=0`` turns the fusion off.
+so (ordinary parameters, written in place as before). Autograd takes the usual path. The engine
+and the server's batcher decode with it; capture does not (at its thousands of rows the GEMMs are
+compute-bound, and fused it measured slower). ``PERSONA_OPS_FUSED_PROJECTIONS=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -82,9 +82,6 @@ class _Group:
         return forward
 
 
-_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first member -> its _Group
-
-
 def _fusable(layers: Sequence[torch.nn.Module]) -> bool:
     first = layers[0]
     return (all(type(m) is torch.nn.Linear and "forward" not in m.__dict__ for m in layers)
@@ -105,9 +102,9 @@ def fused_projections(model: torch.nn.Module) -> Iterator[None]:
             layers = [getattr(module, n, None) for n in names]
             if any(m is None for m in layers) or not _fusable(layers):
                 continue
-            group = _GROUPS.get(layers[0])
+            group = getattr(layers[0], "_fused_group", None)  # kept on the layer: freed with the model
             if group is None or not group.intact():
-                group = _GROUPS[layers[0]] = _Group(layers)
+                group = layers[0]._fused_group = _Group(layers)
             replacements += [(m, group.forward_of(i)) for i, m in enumerate(layers)]
     with replaced_forwards(replacements):
         yield

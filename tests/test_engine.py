@@ -114,6 +114,61 @@ def test_sampling_is_reproducible_under_a_seed():
                                 eos_ids=[])
 
 
+def _without_kept_workspaces(loaded: LoadedModel, *args, **kwargs) -> list[list[int]]:
+    loaded.model.__dict__.pop("_persona_ops_workspaces", None)
+    return generate_tokens(loaded, *args, **kwargs)
+
+
+def test_a_call_of_a_kept_shape_uses_its_own_values(loaded):
+    """The second call of one shape reuses the first one's workspace (cache, inputs, pinned
+    steering) and computes what a call without any kept workspace computes."""
+    w = torch.randn(64)
+
+    def steer(v, coef):
+        return [Intervention("add", 2, v, coef=coef, positions="response"), Intervention("ablate", 3, w, coef=0.5)]
+
+    v1, v2 = torch.randn(64) * 0.01, torch.randn(64) * 0.01  # a tiny model's residual norm is ~0.2
+    generate_tokens(loaded, PROMPTS, GREEDY, steer(v1, torch.tensor([1.0, 0.0, 2.0, -1.0])), eos_ids=[])
+    kept = dict(loaded.model._persona_ops_workspaces)
+    longer = [p + [1, 2, 3] for p in PROMPTS]  # a longer prompt in the same cache length
+    second = generate_tokens(loaded, longer, GREEDY, steer(v2, torch.tensor([0.5, 1.0, 1.0, 3.0])), eos_ids=[])
+    assert loaded.model._persona_ops_workspaces == kept  # the same workspace objects
+    third = generate_tokens(loaded, longer, GREEDY, steer(v2, 2.0), eos_ids=[])  # a scalar coefficient
+    assert second == _without_kept_workspaces(loaded, longer, GREEDY, steer(v2, torch.tensor([0.5, 1.0, 1.0, 3.0])),
+                                              eos_ids=[])
+    assert third == _without_kept_workspaces(loaded, longer, GREEDY, steer(v2, 2.0), eos_ids=[])
+    assert second != third
+
+
+def test_kept_workspaces_follow_the_weights_and_stay_bounded():
+    loaded = _loaded("llama")
+    plain = generate_tokens(loaded, PROMPTS, GREEDY, eos_ids=[])
+    for b in (1, 2, 3):  # three shapes: the oldest is dropped
+        generate_tokens(loaded, PROMPTS[:b], GREEDY, eos_ids=[])
+    assert len(loaded.model._persona_ops_workspaces) == 2
+    with torch.no_grad():  # weights replaced by new tensors: nothing captured before may be replayed
+        for p in loaded.model.parameters():
+            p.data = p.data * 1.5
+    changed = generate_tokens(loaded, PROMPTS, GREEDY, eos_ids=[])
+    assert changed != plain
+    assert changed == _without_kept_workspaces(loaded, PROMPTS, GREEDY, eos_ids=[])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_captured_decode_step_is_replayed_by_the_next_call_of_its_shape():
+    from persona_ops.inference.engine import STATS
+
+    loaded = LoadedModel(tiny_model("llama", num_layers=3, hidden=64, seed=0).cuda(), None, "tiny-llama")
+    steer = [Intervention("add", 2, torch.randn(64) * 0.02, coef=torch.tensor([1.0, 0.0, 2.0, -1.0]), positions="response")]
+    first = generate_tokens(loaded, PROMPTS, GREEDY, steer, eos_ids=[])
+    captures = STATS["graph_captures"]
+    steer2 = [Intervention("add", 2, torch.randn(64) * 0.02, coef=torch.tensor([2.0, 1.0, 0.0, 1.0]), positions="response")]
+    again = generate_tokens(loaded, PROMPTS, GREEDY, steer2, eos_ids=[])
+    assert STATS["graph_captures"] == captures
+    assert again == _without_kept_workspaces(loaded, PROMPTS, GREEDY, steer2, eos_ids=[])
+    assert again != first and STATS["graph_captures"] == captures + 1
+
+
 def test_eos_stops_a_row_and_min_new_tokens_holds_it_back():
     loaded = _loaded("llama", seed=1)
     free = generate_tokens(loaded, PROMPTS, GREEDY, eos_ids=[])

@@ -70,3 +70,17 @@ def test_unknown_and_unsupported_adapters_are_refused(served, tmp_path):
     model = pool.get(ref)
     with pytest.raises(InputError, match="'dora'.*q_proj.*plain LoRA"):
         RowLora(model.model, {"dora": pool.adapter_name(ref)}, rows=2)
+
+
+def test_the_engine_follows_the_active_adapter_between_calls(served):
+    """A kept decode step of the shared model is not replayed for another adapter's rows."""
+    from persona_ops.inference.engine import generate_tokens
+    from persona_ops.inference.sampling import SamplingParams
+
+    models, _ = served
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+    prompts = [[5, 9, 11], [17, 3, 99, 100]]
+    calls = [generate_tokens(models[a], prompts, greedy, eos_ids=[]) for a in (None, "a", "b", None)]
+    assert calls[0] == calls[3] and len({str(c) for c in calls[:3]}) == 3
+    models["a"].model.__dict__.pop("_persona_ops_workspaces")
+    assert generate_tokens(models["a"], prompts, greedy, eos_ids=[]) == calls[1]

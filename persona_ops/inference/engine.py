@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
 import time
 import weakref
 from typing import Iterator, Sequence
@@ -342,6 +343,51 @@ class _DecodeStep:
         return self._forward()
 
 
+def _model_state(model: torch.nn.Module) -> tuple:
+    """What a captured decode step bakes in besides its input tensors: where the parameters live,
+    each adapter layer's active adapters and switches, and how many hooks each module has."""
+    tuner = sys.modules["peft.tuners.tuners_utils"].BaseTunerLayer if "peft.tuners.tuners_utils" in sys.modules \
+        else ()  # no adapter layers exist before PEFT is imported
+    state: list = [p.data_ptr() for p in model.parameters()]
+    for m in model.modules():
+        state.append((len(m._forward_hooks), len(m._forward_pre_hooks)))
+        if isinstance(m, tuner):
+            state.append((tuple(m.active_adapters), m.disable_adapters, m.merged))
+    return tuple(state)
+
+
+class _Workspace:
+    """The static decode tensors of one batch shape (cache, inputs, mask, pinned steering) and its
+    decode step, kept on the model so the next call of that shape replays the captured graph."""
+
+    def __init__(self, b: int, max_len: int, dev: torch.device, dtype: torch.dtype, fused: bool):
+        long = dict(dtype=torch.long, device=dev)
+        self.store = KVStore(b, max_len)
+        self.store.fused = fused
+        self.store.start = torch.zeros(b, **long)
+        self.store.positions = torch.zeros(b, max_len, **long)
+        self.store.slot = torch.zeros(1, **long)
+        self.store.step_pos = torch.zeros(b, 1, **long)
+        self.tok = torch.zeros(b, 1, **long)
+        self.bias = torch.empty(b, 1, 1, max_len, dtype=dtype, device=dev)
+        self.steering: list | None = None  # Steerer.pin slots
+        self.step: _DecodeStep | None = None  # made at the first decode
+
+
+_WORKSPACES_PER_MODEL = 2  # a sweep's full batches and its last, smaller one
+
+
+def _workspace(model: torch.nn.Module, key: tuple, make) -> _Workspace:
+    """The model's workspace for ``key`` (most recent first), or a new one replacing the oldest.
+    Kept as an attribute of the model, so it is freed with it."""
+    cache = model.__dict__.setdefault("_persona_ops_workspaces", {})
+    ws = cache.pop(key, None) or make()
+    cache[key] = ws
+    while len(cache) > _WORKSPACES_PER_MODEL:
+        del cache[next(iter(cache))]
+    return ws
+
+
 def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: list[int], sampling: SamplingParams,
                     steerer: Steerer | None, eos: torch.Tensor, pad: int, min_new_tokens: int,
                     generator: torch.Generator, graph: bool, compile_decode: bool, prefill_tokens: int
@@ -350,7 +396,9 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
 
     ``rows`` are the prompts' indices into the per-row steering parameters. The prefill runs
     in groups of at most ``prefill_tokens`` padded tokens, so short prompts are not padded to
-    the longest; decoding runs all rows together, right-aligned at the longest prompt.
+    the longest; decoding runs all rows together, right-aligned at the longest prompt. The
+    cache and the decode step come from the model's workspace of this shape (the captured graph
+    of an earlier call is replayed when nothing it baked in has changed).
     """
     model, dev = loaded.model, loaded.device
     dtype = next(model.parameters()).dtype
@@ -365,10 +413,14 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
     neg = torch.finfo(dtype).min
     max_len = _round_up(plen + new, 64)
     fused = dev.type == "cuda" and FUSED_DECODE and _fused_attention() is not None
-    store = KVStore(b, max_len, kv_len=None if (graph or fused) else plen)
-    store.start, store.fused = (~real).sum(1), fused
+    key = (b, max_len, dtype, graph, graph and compile_decode, fused,
+           steerer.layout() if steerer is not None else (), _model_state(model))
+    ws = _workspace(model, key, lambda: _Workspace(b, max_len, dev, dtype, fused))
+    store = ws.store
+    store.prefill, store.kv_len = True, None if (graph or fused) else plen
+    store.start.copy_((~real).sum(1))
     # decode columns continue each row's positions
-    store.positions = torch.cat([pos, pos[:, -1:] + torch.arange(1, max_len - plen + 1, device=dev)], 1)
+    store.positions.copy_(torch.cat([pos, pos[:, -1:] + torch.arange(1, max_len - plen + 1, device=dev)], 1))
     out = torch.full((b, new), pad, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
 
@@ -400,24 +452,25 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
         nxt = pick(logits, 0)
         if new == 1:
             return out
-        # static decode inputs
+        # static decode inputs, advanced in place with each step
         store.prefill = False
-        store.slot = torch.tensor([plen], dtype=torch.long, device=dev)
-        tok = nxt[:, None].clone()
-        step_pos = pos[:, -1:].clone() + 1
-        store.step_pos = step_pos  # advanced in place with the step, like slot
-        bias = torch.full((b, 1, 1, max_len), neg, dtype=dtype, device=dev)
-        bias[:, 0, 0, :plen] = torch.where(real, 0.0, neg).to(dtype)
+        store.slot.fill_(plen)
+        ws.tok.copy_(nxt[:, None])
+        store.step_pos.copy_(pos[:, -1:] + 1)
+        ws.bias.fill_(neg)
+        ws.bias[:, 0, 0, :plen] = torch.where(real, 0.0, neg).to(dtype)
         if steerer is not None:
             steerer.select_rows(rows)
             steerer.set_decode()
-        step_fn = _DecodeStep(model, tok, step_pos, bias, store, graph,
-                              blocks=loaded.layers if (graph and compile_decode) else ())
+            ws.steering = steerer.pin(ws.steering, b)
+        if ws.step is None:
+            ws.step = _DecodeStep(model, ws.tok, store.step_pos, ws.bias, store, graph,
+                                  blocks=loaded.layers if (graph and compile_decode) else ())
         for step in range(1, new):
-            logits = step_fn()
+            logits = ws.step()
             nxt = pick(logits, step)
-            tok.copy_(nxt[:, None])
-            step_pos.add_(1)
+            ws.tok.copy_(nxt[:, None])
+            store.step_pos.add_(1)
             store.slot.add_(1)
             if eos.numel() and step >= min_new_tokens and step % 16 == 0 and bool(done.all()):
                 break

@@ -96,6 +96,7 @@ class _Prepared:
 
     def select(self, rows: torch.Tensor | None) -> None:
         if self.param_all.numel() == 1:
+            self.param = self.param_all[:1].reshape(1, 1, 1)
             return
         if rows is None:
             raise InputError("per-row coefficients need Steerer.select_rows(indices) before a forward")
@@ -177,6 +178,28 @@ class Steerer:
         """Next forwards are cached decode steps: each row's new token is a response position."""
         self._decode = True
         self._prompt = self._response = None
+
+    def layout(self) -> tuple:
+        """What the hooks do, per edit in order: (block, kind, positions)."""
+        return tuple((b, p.spec.kind, p.spec.positions) for b, p in self._prepared())
+
+    def pin(self, slots: list[tuple[torch.Tensor, torch.Tensor]] | None, rows: int
+            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copy each edit's vector and current parameters (expanded to ``rows``) into fixed tensors
+        and read them from there until the next :meth:`select_rows`: a captured CUDA graph reads
+        fixed addresses. ``slots`` are those of an earlier pin of the same :meth:`layout` (a
+        graph captured then replays with these values), or None for new ones."""
+        preps = [p for _, p in self._prepared()]
+        if slots is None:
+            slots = [(torch.empty_like(p.vec), torch.empty(rows, 1, 1, device=self.device)) for p in preps]
+        for p, (vec, param) in zip(preps, slots):
+            vec.copy_(p.vec)
+            param.copy_(p.param.expand(rows, 1, 1))
+            p.vec, p.param = vec, param
+        return slots
+
+    def _prepared(self) -> list[tuple[int, _Prepared]]:
+        return [(b, p) for b in sorted(self._by_block) for p in self._by_block[b]]
 
     # --- hooks ---
     def _mask(self, positions: str) -> torch.Tensor | None | bool:

@@ -6,8 +6,9 @@ cache and the attention over it. It registers an attention function with transfo
 preallocated buffers ``[B, kv_heads, S, head_dim]`` and attends over them with a mask the
 engine keeps. The model is called with ``use_cache=False`` and a ready 4-D mask, so nothing
 in HF's forward depends on Python-side cache state or syncs with the host. On CUDA the decode
-step (one forward with its steering hooks) is captured once per batch as a CUDA graph and
-replayed, and each layer's decode attention is one Triton kernel that writes the new key/value
+step (one forward with its steering hooks) is captured as a CUDA graph once per batch shape and
+replayed, also by later calls of that shape (the cache, the step's inputs and the steering values
+live in a workspace kept with the model), and each layer's decode attention is one Triton kernel that writes the new key/value
 and reads only the row's real columns (:mod:`persona_ops.kernels.triton_attention`); sampling runs on
 fp32 logits on the device. On CPU the same loop runs eagerly, attending only over the filled
 part of the cache.

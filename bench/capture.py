@@ -7,7 +7,8 @@ generate_vec.py does (under ``no_grad``, which favours the reference). Engine: m
 only, and all layers, over token budgets, eager and with compiled blocks; the best is the
 headline. On the CPU the engine caps batches at ``CPU_TOKEN_BUDGET`` tokens, so the default
 sweep stops there. Each setting gets one untimed pass; times are medians over rounds that
-interleave the reference and the engine.
+interleave the reference and the engine. On CUDA each setting's matrix-product FLOP rate
+(:func:`bench.limits.forward_flops`) is also a fraction of the bf16 GEMM rate measured in the run.
 
     python -m bench.capture --device cuda --model-shape olmo2-7b
 """
@@ -20,6 +21,7 @@ import tempfile
 import torch
 
 from bench.common import build_model, emit, environment, parse_args, peak_gib, random_tokens, reset_peak, timed
+from bench.limits import forward_flops, gemm_rate
 from persona_ops.interp import capture as capture_module
 from persona_ops.interp.capture import AGGREGATES, CPU_TOKEN_BUDGET, capture_tokens
 from persona_ops.kernels import cpu_linear
@@ -141,6 +143,12 @@ def main() -> None:
                     "peak_gib": peak_gib(dev)}
         print({"none": none_row}, flush=True)
 
+    gemm = gemm_rate(dev)  # on CUDA: each setting's FLOP rate as a fraction of the GEMM rate measured now
+    lengths = [len(x) for x in seqs]
+    for row in sweep:
+        flops = forward_flops(loaded, lengths, mid if row["layers"] == "middle" else None)
+        row["fraction_of_gemm_rate"] = round(flops / row["seconds"] / gemm, 3) if dev == "cuda" else None
+
     engine_rows = [r for r in sweep if r["packed_linears"] == shipped]  # the engine as shipped; the rest is ablation
     best = {k: max((r for r in engine_rows if r["layers"] == k), key=lambda r: r["tokens_per_s"]) for k in layer_sets}
     eager = {k: max((r for r in engine_rows if r["layers"] == k and not r["compiled"]), key=lambda r: r["tokens_per_s"])
@@ -157,6 +165,9 @@ def main() -> None:
         "middle_compiled": best["middle"]["compiled"], "middle_peak_gib": best["middle"]["peak_gib"],
         "all_layers_tokens_per_s": best["all"]["tokens_per_s"], "all_layers_token_budget": best["all"]["token_budget"],
         "all_layers_compiled": best["all"]["compiled"], "all_layers_peak_gib": best["all"]["peak_gib"],
+        "gemm_tflop_s": round(gemm / 1e12, 1) if dev == "cuda" else None,
+        "middle_fraction_of_gemm_rate": best["middle"]["fraction_of_gemm_rate"],
+        "all_layers_fraction_of_gemm_rate": best["all"]["fraction_of_gemm_rate"],
         "speedup_vs_reference": round(best["middle"]["tokens_per_s"] / ref_tps, 2),
         "speedup_all_layers_vs_reference": round(best["all"]["tokens_per_s"] / ref_tps, 2),
         "speedup_eager_vs_reference": round(eager["middle"]["tokens_per_s"] / ref_tps, 2),

@@ -33,6 +33,8 @@ SHAPES: dict[str, tuple[str, dict]] = {
     "qwen3-4b": ("qwen3", dict(num_hidden_layers=36, hidden_size=2560, intermediate_size=9728,
                                num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                                vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=40960)),
+    "tiny": ("llama", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=4096)),  # next to no compute: host overheads
     "embedded": ("llama", dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536,
                                num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
                                tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=8192,
@@ -129,22 +131,6 @@ def environment(device: str) -> dict:
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     return env
-
-
-def copy_bandwidth(device: str) -> float:
-    """Bytes per second of a large device-to-device copy (read + write)."""
-    if device != "cuda":
-        return float("nan")
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * 10 * x.numel() / (time.perf_counter() - t0)
 
 
 def emit(figures: dict) -> None:

@@ -18,7 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.common import SHAPES, copy_bandwidth, emit, environment, parse_args
+from bench.common import SHAPES, emit, environment, parse_args
+from bench.limits import copy_bandwidth
 
 L2_BYTES = 256 << 20  # rotate over at least this many bytes of weights (H100/H200 L2: 50-60 MB)
 

@@ -3,10 +3,14 @@
 Workload: 40 prompts of 40-120 random tokens, 128 new tokens forced (``min_new_tokens``),
 temperature 1, a vector added at layer 20 (``hidden_states`` index; block 19's output).
 Reference: left-padded batches of 20 through ``model.generate`` with a forward hook adding
-``coef * v`` at ``t[:, -1]`` on every forward (persona_vectors' ``response`` steering).
+``coef * v`` at ``t[:, -1]`` on every forward (persona_vectors' ``response`` steering), and the
+same at the engine's batch (all prompts). On CUDA a second reference: HF's own fast path,
+``generate`` with ``cache_implementation="static"`` on all prompts in one batch, unsteered.
 Engine: all prompts in one batch, ``add`` at ``positions="response"``; also unsteered (the
 steering cost), a coefficient-0 run (must equal unsteered token for token) and a
-coefficient sweep (8 coefficients x the prompts as one batch, per-row coefficients).
+coefficient sweep (8 coefficients x the prompts as one batch, per-row coefficients). Each
+round's calls reuse the decode steps captured by the warm-up (same shapes). On CUDA the
+figures are also fractions of the decode bound (:mod:`bench.limits`) measured in the run.
 
     python -m bench.generate --device cuda --model-shape qwen3-4b
 """
@@ -18,6 +22,7 @@ import statistics
 import torch
 
 from bench.common import build_model, emit, environment, parse_args, peak_gib, random_tokens, reset_peak, timed
+from bench.limits import copy_bandwidth, decode_bound, gemm_rate
 from persona_ops.inference import engine as engine_module
 from persona_ops.inference.engine import STATS, generate_tokens
 from persona_ops.inference.sampling import SamplingParams
@@ -55,23 +60,25 @@ def cuda_graph_check() -> dict:
 
 
 @torch.no_grad()
-def reference_generate(loaded, prompts: list[list[int]], vec: torch.Tensor, layer: int, coef: float,
-                       new_tokens: int, seed: int) -> int:
-    """HF generate in fixed batches of 20 under a last-position steering hook; returns new tokens."""
+def reference_generate(loaded, prompts: list[list[int]], vec: torch.Tensor | None, layer: int, coef: float,
+                       new_tokens: int, seed: int, batch: int = REF_BATCH, **generate_kwargs) -> int:
+    """HF generate in fixed batches under a last-position steering hook (none without ``vec``);
+    returns the new tokens."""
     model, dev = loaded.model, loaded.device
-    v = vec.to(dev, next(model.parameters()).dtype)
 
     def hook(module, args, output):  # persona_vectors' ActivationSteerer, positions="response"
         h = output[0] if isinstance(output, tuple) else output
         h[:, -1] += coef * v
         return output
 
-    handle = loaded.layers[layer - 1].register_forward_hook(hook)
+    if vec is not None:
+        v = vec.to(dev, next(model.parameters()).dtype)
+        handle = loaded.layers[layer - 1].register_forward_hook(hook)
     torch.manual_seed(seed)
     produced = 0
     try:
-        for start in range(0, len(prompts), REF_BATCH):
-            chunk = prompts[start:start + REF_BATCH]
+        for start in range(0, len(prompts), batch):
+            chunk = prompts[start:start + batch]
             width = max(len(p) for p in chunk)
             ids = torch.zeros((len(chunk), width), dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -80,11 +87,28 @@ def reference_generate(loaded, prompts: list[list[int]], vec: torch.Tensor, laye
                 mask[r, width - len(p):] = 1
             out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
                                  temperature=1.0, top_p=1.0, top_k=None, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, use_cache=True, pad_token_id=0)
+                                 min_new_tokens=new_tokens, use_cache=True, pad_token_id=0, **generate_kwargs)
             produced += (out.shape[1] - width) * len(chunk)
     finally:
-        handle.remove()
+        if vec is not None:
+            handle.remove()
     return produced
+
+
+def hf_static(loaded, prompts: list[list[int]], new_tokens: int, seed: int, rounds: int) -> dict:
+    """HF's fast path: ``generate`` with a static cache, all prompts in one batch, unsteered; a
+    warm-up call, then the median of ``rounds`` (an error is reported, not raised)."""
+    def call():
+        return reference_generate(loaded, prompts, None, 1, 0.0, new_tokens, seed, batch=len(prompts),
+                                  cache_implementation="static")
+
+    try:
+        warm, _ = timed(call, "cuda")
+        times = [timed(call, "cuda")[0] for _ in range(rounds)]
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+    tps = len(prompts) * new_tokens / statistics.median(times)
+    return {"new_tokens_per_s": round(tps, 1), "seconds": [round(t, 3) for t in times], "warmup_seconds": round(warm, 2)}
 
 
 def profile_call(fn) -> None:
@@ -152,7 +176,7 @@ def main() -> None:
         warmup[name] = round(t, 2)
         print(f"warm-up {name}: {t:.2f}s", flush=True)
 
-    ref_t, ref_peak, ref_tokens = [], 0.0, args.n * args.new_tokens
+    ref_t, ref_peak, ref_tokens, ref_full_t = [], 0.0, args.n * args.new_tokens, []
     res = {name: {"steered": [], "unsteered": [], "steered_peak": 0.0, "unsteered_peak": 0.0} for name in variants}
     outputs = {}
     for rnd in range(rounds):
@@ -163,6 +187,10 @@ def main() -> None:
             ref_peak = max(ref_peak, peak_gib(dev))
             ref_t.append(t)
             print(f"round {rnd} reference HF generate batch {REF_BATCH}: {t:.2f}s {ref_tokens / t:.0f} tok/s", flush=True)
+            t, _ = timed(lambda: reference_generate(loaded, prompts, vec, layer, coef, args.new_tokens, args.seed,
+                                                    batch=args.n), dev)
+            ref_full_t.append(t)
+            print(f"round {rnd} reference HF generate batch {args.n}: {t:.2f}s {ref_tokens / t:.0f} tok/s", flush=True)
         for name, variant in variants.items():
             for kind, ivs in (("steered", steer), ("unsteered", [])):
                 reset_peak(dev)
@@ -195,6 +223,21 @@ def main() -> None:
         print(name, rows[name], flush=True)
     best = max(rows, key=lambda k: rows[k]["steered_new_tokens_per_s"])
     b = rows[best]
+    limits = {}
+    if dev == "cuda":  # the limits, measured now; the fastest decode of these rows at them
+        bandwidth, gemm = copy_bandwidth(dev), gemm_rate(dev)
+        bound = decode_bound(loaded, [len(p) for p in prompts], args.new_tokens, bandwidth, gemm)
+        static = hf_static(loaded, prompts, args.new_tokens, args.seed, max(1, args.ref_rounds))
+        limits = {"copy_bandwidth_tb_s": round(bandwidth / 1e12, 3), "gemm_tflop_s": round(gemm / 1e12, 1),
+                  "decode_bound_new_tokens_per_s": round(bound, 1),
+                  "steered_fraction_of_bound": round(b["steered_new_tokens_per_s"] / bound, 3),
+                  "unsteered_fraction_of_bound": round(b["unsteered_new_tokens_per_s"] / bound, 3),
+                  "hf_static_cache": static}
+        if "new_tokens_per_s" in static:
+            limits["steered_speedup_vs_hf_static"] = round(b["steered_new_tokens_per_s"] / static["new_tokens_per_s"], 2)
+            limits["unsteered_speedup_vs_hf_static"] = round(b["unsteered_new_tokens_per_s"]
+                                                             / static["new_tokens_per_s"], 2)
+        print("limits", limits, flush=True)
     figures = {
         "bench": "generate", "device": dev, "model_shape": args.model_shape, "prompts": args.n,
         "new_tokens_per_row": args.new_tokens, "layer": layer, "variant": best,
@@ -204,6 +247,10 @@ def main() -> None:
         "speedup_vs_reference": round(b["steered_new_tokens_per_s"] / ref_tps, 2),
         "steering_cost_pct": b["steering_cost_pct"],
         "coef0_identical_to_unsteered": b["coef0_identical_to_unsteered"],
+        "reference_engine_batch_new_tokens_per_s": round(ref_tokens / statistics.median(ref_full_t), 1),
+        "speedup_vs_reference_engine_batch": round(b["steered_new_tokens_per_s"] * statistics.median(ref_full_t)
+                                                   / ref_tokens, 2),
+        **limits,
         "variants": rows, "reference_seconds": [round(x, 3) for x in ref_t],
     }
     if args.sweep:

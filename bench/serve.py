@@ -11,9 +11,9 @@ Each phase runs once untimed first (CUDA graph captures; sequential: one request
 then timed. The word-level tokenizer
 maps token ``i`` to the word ``t{i}``, so prompts are exact token ids.
 
-Bound: at the concurrent phase's rows, a decode step must read the weights (and the adapters')
-once and every row's KV cache; with the copy bandwidth measured in the same run that gives
-the fastest possible aggregate new tok/s.
+Bound: :func:`bench.limits.decode_bound` at the concurrent phase's rows (each step reads the
+weights once and every row's KV cache), with the copy bandwidth and GEMM rate measured in the
+same run: the fastest possible aggregate new tok/s.
 
     python -m bench.serve --device cuda --model-shape olmo2-7b
 """
@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import statistics
 import tempfile
 import threading
 import time
 
 import torch
 
-from bench.common import (build_model, copy_bandwidth, emit, environment, parse_args, peak_gib, random_tokens,
+from bench.common import (build_model, emit, environment, parse_args, peak_gib, random_tokens,
                           reset_peak)
+from bench.limits import copy_bandwidth, decode_bound, gemm_rate
 from persona_ops.inference.engine import STATS
 
 COEFS = (0.0, 2.0, 4.0, 8.0)
@@ -159,7 +159,7 @@ def main() -> None:
     cfg = loaded.model.config.get_text_config()
     loaded.tokenizer = word_tokenizer(cfg.vocab_size)
     layer = min(args.layer, loaded.num_layers)
-    bandwidth = copy_bandwidth(dev)
+    bandwidth, gemm = copy_bandwidth(dev), gemm_rate(dev)
     g = torch.Generator().manual_seed(args.seed + 1)
     vector = torch.randn(loaded.num_layers + 1, loaded.hidden_size, generator=g)
     vector = vector / vector.norm(dim=-1, keepdim=True) * 4.0
@@ -191,13 +191,9 @@ def main() -> None:
                 print(f"{name}: {seconds:.2f}s {tokens / seconds:.0f} new tok/s (warm-up {warm:.2f}s), "
                       f"{phases[name]['decode_steps']} decode steps", flush=True)
     same = sum(a == b for a, b in zip(phases["concurrent"].pop("texts"), phases["sequential"].pop("texts")))
-    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    kv_per_token = 2 * loaded.num_layers * cfg.num_key_value_heads * (
-        getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) * 2
-    mean_prompt = statistics.mean(len(p) for p in prompts) + 1
-    kv_step = args.requests * (mean_prompt + args.new_tokens / 2) * kv_per_token  # mean cache read per step
-    step_bytes = weights + kv_step  # one forward for every row, whatever its adapter
-    bound = args.requests / (step_bytes / bandwidth) if dev == "cuda" else None
+    # one forward for every row, whatever its adapter; chat template adds a space token
+    bound = decode_bound(loaded, [len(p) + 1 for p in prompts], args.new_tokens, bandwidth, gemm) \
+        if dev == "cuda" else None
     conc = phases["concurrent"]
     figures = {
         "bench": "serve", "device": dev, "model_shape": args.model_shape, "requests": args.requests,
@@ -209,6 +205,7 @@ def main() -> None:
                                                   phases["sequential"]["new_tokens_per_s"], 2),
         "identical_completions": f"{same}/{args.requests}",
         "copy_bandwidth_tb_s": round(bandwidth / 1e12, 3) if dev == "cuda" else None,
+        "gemm_tflop_s": round(gemm / 1e12, 1) if dev == "cuda" else None,
         "bandwidth_bound_new_tokens_per_s": round(bound, 1) if bound else None,
         "fraction_of_bound": round(conc["new_tokens_per_s"] / bound, 3) if bound else None,
         "phases": phases, "batcher": dict(app.state.batcher.stats), "engine_stats": dict(STATS),

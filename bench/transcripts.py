@@ -5,10 +5,15 @@ random tokens (system prompt 20-60, question 10-40), 256 new tokens each, temper
 top-p 0.9 (the reference's sampling). Then the mean over response tokens of every
 conversation (prompt + generated answer).
 
-- Generation reference: assistant-axis' HF path, ``model.generate`` on one conversation at a
-  time (HF has no batching of its own), timed on ``--ref-conversations`` of them; its rate
-  in new tokens/s is compared with the engine's over the whole workload (all rows in
-  length-sorted batches of ``--batch-size``, CUDA graph decode, compiled blocks).
+- Generation reference: assistant-axis' notebook helper's HF path, ``model.generate`` on one
+  conversation at a time, timed on ``--ref-conversations`` of them; its rate in new tokens/s is
+  compared with the engine's over the whole workload (all rows in length-sorted batches of
+  ``--batch-size``, CUDA graph decode, compiled blocks). A weak baseline, labelled as such:
+  assistant-axis' pipeline generates with vLLM batch inference, which the GPU machine here
+  cannot run. On CUDA the engine's time is also compared with the fastest generation at the
+  copy bandwidth and GEMM rate measured in the run (:func:`bench.limits.generation_seconds`):
+  ``fraction_of_bound`` (each decode step at the larger of its compute and memory times) and
+  ``fraction_of_compute_bound`` (compute alone).
 - Capture reference: assistant-axis' activation step, forward hooks on every decoder
   layer, right-padded batches of 16 (one role at a time), the full model forward, a mean
   over the response span per sample and layer copied to the host; timed on
@@ -23,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from bench.common import build_model, emit, environment, parse_args, peak_gib, random_tokens, reset_peak, timed
+from bench.limits import copy_bandwidth, gemm_rate, generation_seconds
 from persona_ops.inference.engine import STATS, generate_tokens
 from persona_ops.inference.sampling import SamplingParams
 from persona_ops.interp.capture import capture_tokens
@@ -124,6 +130,15 @@ def main() -> None:
     gen = {"conversations": len(convs), "seconds": round(t_gen, 2), "new_tokens": new,
            "new_tokens_per_s": round(new / t_gen, 1), "peak_gib": peak_gib(dev),
            "graph_captures": STATS["graph_captures"] - captures_before}
+    if dev == "cuda":  # the limits, measured now, at the engine's batch
+        bandwidth, gemm = copy_bandwidth(dev), gemm_rate(dev)
+        bound = generation_seconds(loaded, [len(c) for c in convs], args.new_tokens, args.batch_size, bandwidth, gemm)
+        compute = bound["prefill_seconds"] + bound["decode_compute_seconds"]
+        gen.update({"copy_bandwidth_tb_s": round(bandwidth / 1e12, 3), "gemm_tflop_s": round(gemm / 1e12, 1),
+                    "bound_seconds": round(bound["seconds"], 2), "fraction_of_bound": round(bound["seconds"] / t_gen, 3),
+                    "compute_bound_seconds": round(compute, 2), "fraction_of_compute_bound": round(compute / t_gen, 3),
+                    "decode_compute_seconds": round(bound["decode_compute_seconds"], 2),
+                    "decode_memory_seconds": round(bound["decode_memory_seconds"], 2)})
     print("engine generate", gen, flush=True)
 
     tokens = sum(len(p) + len(a) for p, a in zip(convs, answers))

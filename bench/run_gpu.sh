@@ -28,15 +28,15 @@ run() {  # name, args...
 for group in ${*:-generate capture transcripts train serve fanout}; do
   case $group in
     generate)
-      run generate-qwen3 bench.generate --device cuda --model-shape qwen3-4b
-      run generate-olmo2 bench.generate --device cuda --model-shape olmo2-7b --sweep 4 --profile
+      run generate-qwen3 bench.generate --device cuda --model-shape qwen3-4b --rounds 2 --ref-rounds 1
+      run generate-olmo2 bench.generate --device cuda --model-shape olmo2-7b --rounds 2 --ref-rounds 1 --sweep 4 --profile
       run attention-olmo2 bench.decode_attention --device cuda --model-shape olmo2-7b
       run attention-qwen3 bench.decode_attention --device cuda --model-shape qwen3-4b
       run gemm-olmo2 bench.decode_gemm --device cuda --model-shape olmo2-7b
       run gemm-qwen3 bench.decode_gemm --device cuda --model-shape qwen3-4b ;;
     capture)
-      run capture-olmo2 bench.capture --device cuda --model-shape olmo2-7b
-      run capture-qwen3 bench.capture --device cuda --model-shape qwen3-4b ;;
+      run capture-olmo2 bench.capture --device cuda --model-shape olmo2-7b --rounds 2 --ref-rounds 1
+      run capture-qwen3 bench.capture --device cuda --model-shape qwen3-4b --rounds 2 --ref-rounds 1 ;;
     transcripts)
       run transcripts-olmo2 bench.transcripts --device cuda --model-shape olmo2-7b --ref-conversations 2 ;;
     train)

@@ -140,12 +140,19 @@ def test_a_call_of_a_kept_shape_uses_its_own_values(loaded):
     assert second != third
 
 
-def test_kept_workspaces_follow_the_weights_and_stay_bounded():
+def test_kept_workspaces_follow_the_weights_and_stay_bounded(monkeypatch):
+    from persona_ops.inference import engine
+
     loaded = _loaded("llama")
     plain = generate_tokens(loaded, PROMPTS, GREEDY, eos_ids=[])
-    for b in (1, 2, 3):  # three shapes: the oldest is dropped
+    for b in (1, 2, 3):  # three shapes: a model keeps the last one only
         generate_tokens(loaded, PROMPTS[:b], GREEDY, eos_ids=[])
-    assert len(loaded.model._persona_ops_workspaces) == 2
+        (ws,) = loaded.model._persona_ops_workspaces.values()
+        assert ws.store.batch == b
+    monkeypatch.setattr(engine, "_keep_bytes", lambda dev: ws.nbytes() - 1)
+    generate_tokens(loaded, PROMPTS, GREEDY, eos_ids=[])
+    assert loaded.model._persona_ops_workspaces == {}  # above the budget: not kept after the call
+    monkeypatch.undo()
     with torch.no_grad():  # weights replaced by new tensors: nothing captured before may be replayed
         for p in loaded.model.parameters():
             p.data = p.data * 1.5

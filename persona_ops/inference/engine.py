@@ -8,7 +8,7 @@ engine keeps. The model is called with ``use_cache=False`` and a ready 4-D mask,
 in HF's forward depends on Python-side cache state or syncs with the host. On CUDA the decode
 step (one forward with its steering hooks) is captured as a CUDA graph once per batch shape and
 replayed, also by later calls of that shape (the cache, the step's inputs and the steering values
-live in a workspace kept with the model), and each layer's decode attention is one Triton kernel that writes the new key/value
+live in a workspace kept with the model: the last one, up to 1/16 of the device's memory), and each layer's decode attention is one Triton kernel that writes the new key/value
 and reads only the row's real columns (:mod:`persona_ops.kernels.triton_attention`); sampling runs on
 fp32 logits on the device. On CPU the same loop runs eagerly, attending only over the filled
 part of the cache.
@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import sys
 import time
 import weakref
@@ -375,18 +376,33 @@ class _Workspace:
         self.step: _DecodeStep | None = None  # made at the first decode
 
 
-_WORKSPACES_PER_MODEL = 2  # a sweep's full batches and its last, smaller one
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.store.keys, self.store.values) for t in d.values())
 
 
 def _workspace(model: torch.nn.Module, key: tuple, make) -> _Workspace:
-    """The model's workspace for ``key`` (most recent first), or a new one replacing the oldest.
-    Kept as an attribute of the model, so it is freed with it."""
-    cache = model.__dict__.setdefault("_persona_ops_workspaces", {})
-    ws = cache.pop(key, None) or make()
-    cache[key] = ws
-    while len(cache) > _WORKSPACES_PER_MODEL:
-        del cache[next(iter(cache))]
-    return ws
+    """The model's workspace for ``key``, or a new one replacing the one it had (freed first, so
+    one batch's cache is the most a model holds). Kept as an attribute of the model, so it is
+    freed with it."""
+    kept = model.__dict__.setdefault("_persona_ops_workspaces", {})
+    if key not in kept:
+        kept.clear()
+        kept[key] = make()
+    return kept[key]
+
+
+def _keep_bytes(dev: torch.device) -> int:
+    """The largest workspace kept after a call: 1/16 of the device's memory (a big batch's cache
+    is not held while other work needs the memory)."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory // 16
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 16
+
+
+def _release_large_workspace(model: torch.nn.Module, dev: torch.device) -> None:
+    kept = model.__dict__.get("_persona_ops_workspaces", {})
+    if any(ws.nbytes() > _keep_bytes(dev) for ws in kept.values()):
+        kept.clear()
 
 
 def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: list[int], sampling: SamplingParams,
@@ -525,6 +541,7 @@ def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sa
                 row = new[r]
                 cut = next((j + 1 for j, t in enumerate(row) if t in eos_set), len(row))
                 results[i] = row[:cut]
+    _release_large_workspace(loaded.model, dev)
     return results
 
 

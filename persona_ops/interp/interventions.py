@@ -186,8 +186,8 @@ class Steerer:
     def pin(self, slots: list[tuple[torch.Tensor, torch.Tensor]] | None, rows: int
             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copy each edit's vector and current parameters (expanded to ``rows``) into fixed tensors
-        and read them from there until the next :meth:`select_rows`: a captured CUDA graph reads
-        fixed addresses. ``slots`` are those of an earlier pin of the same :meth:`layout` (a
+        and read them from there (the parameters until the next :meth:`select_rows`): a captured
+        CUDA graph reads fixed addresses. ``slots`` are those of an earlier pin of the same :meth:`layout` (a
         graph captured then replays with these values), or None for new ones."""
         preps = [p for _, p in self._prepared()]
         if slots is None:

@@ -20,7 +20,8 @@ import tempfile
 
 import torch
 
-from bench.common import build_model, emit, environment, parse_args, peak_gib, random_tokens, reset_peak, timed
+from bench.common import (build_model, emit, environment, parse_args, peak_gib, profile_call, random_tokens,
+                          reset_peak, timed)
 from bench.limits import forward_flops, gemm_rate
 from persona_ops.interp import capture as capture_module
 from persona_ops.interp.capture import AGGREGATES, CPU_TOKEN_BUDGET, capture_tokens
@@ -56,6 +57,7 @@ def main() -> None:
                         help="also time compile_blocks=True (auto: on cuda)")
         ap.add_argument("--ref-rounds", type=int, default=3,
                         help="rounds that also time the reference (it is host-bound and varies; median)")
+        ap.add_argument("--profile", action="store_true", help="print a kernel profile of the best middle-layer call")
 
     args = parse_args(__doc__.splitlines()[0], extra)
     dev = args.device
@@ -153,6 +155,9 @@ def main() -> None:
     best = {k: max((r for r in engine_rows if r["layers"] == k), key=lambda r: r["tokens_per_s"]) for k in layer_sets}
     eager = {k: max((r for r in engine_rows if r["layers"] == k and not r["compiled"]), key=lambda r: r["tokens_per_s"])
              for k in layer_sets}
+    if args.profile and dev == "cuda":
+        b = best["middle"]
+        profile_call(lambda: run_engine("middle", b["token_budget"], b["compiled"], shipped))
     middle = [r for r in sweep if r["layers"] == "middle" and not r["compiled"]]
     mkl = [r for r in middle if not r["packed_linears"]]
     onednn = [r for r in middle if r["packed_linears"]]

@@ -133,6 +133,20 @@ def environment(device: str) -> dict:
     return env
 
 
+def profile_call(fn) -> None:
+    """Print the CUDA kernels of one call, by total device time (CUDA graph replays included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"profile: device time {total:.1f} ms over {sum(e.count for e in events if e.self_device_time_total)} "
+          "kernel/memcpy events", flush=True)
+    print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70), flush=True)
+
+
 def emit(figures: dict) -> None:
     """Print the figures as the last line of output (one JSON object)."""
     print(json.dumps(figures, sort_keys=False), flush=True)

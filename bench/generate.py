@@ -21,7 +21,8 @@ import statistics
 
 import torch
 
-from bench.common import build_model, emit, environment, parse_args, peak_gib, random_tokens, reset_peak, timed
+from bench.common import (build_model, emit, environment, parse_args, peak_gib, profile_call, random_tokens,
+                          reset_peak, timed)
 from bench.limits import copy_bandwidth, decode_bound, gemm_rate
 from persona_ops.inference import engine as engine_module
 from persona_ops.inference.engine import STATS, generate_tokens
@@ -109,20 +110,6 @@ def hf_static(loaded, prompts: list[list[int]], new_tokens: int, seed: int, roun
         return {"error": f"{type(e).__name__}: {e}"[:300]}
     tps = len(prompts) * new_tokens / statistics.median(times)
     return {"new_tokens_per_s": round(tps, 1), "seconds": [round(t, 3) for t in times], "warmup_seconds": round(warm, 2)}
-
-
-def profile_call(fn) -> None:
-    """Print the CUDA kernels of one call, by total device time (CUDA graph replays included)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    total = sum(e.self_device_time_total for e in events) / 1e3
-    print(f"profile: device time {total:.1f} ms over {sum(e.count for e in events if e.self_device_time_total)} "
-          "kernel/memcpy events", flush=True)
-    print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70), flush=True)
 
 
 def main() -> None:

@@ -109,7 +109,8 @@ def hf_static(loaded, prompts: list[list[int]], new_tokens: int, seed: int, roun
     except Exception as e:
         return {"error": f"{type(e).__name__}: {e}"[:300]}
     tps = len(prompts) * new_tokens / statistics.median(times)
-    return {"new_tokens_per_s": round(tps, 1), "seconds": [round(t, 3) for t in times], "warmup_seconds": round(warm, 2)}
+    return {"new_tokens_per_s": round(tps, 1), "seconds": [round(t, 3) for t in times],
+            "warmup_seconds": round(warm, 2)}
 
 
 def main() -> None:
@@ -221,9 +222,9 @@ def main() -> None:
                   "unsteered_fraction_of_bound": round(b["unsteered_new_tokens_per_s"] / bound, 3),
                   "hf_static_cache": static}
         if "new_tokens_per_s" in static:
-            limits["steered_speedup_vs_hf_static"] = round(b["steered_new_tokens_per_s"] / static["new_tokens_per_s"], 2)
-            limits["unsteered_speedup_vs_hf_static"] = round(b["unsteered_new_tokens_per_s"]
-                                                             / static["new_tokens_per_s"], 2)
+            for kind in ("steered", "unsteered"):
+                limits[f"{kind}_speedup_vs_hf_static"] = round(b[f"{kind}_new_tokens_per_s"]
+                                                               / static["new_tokens_per_s"], 2)
         print("limits", limits, flush=True)
     figures = {
         "bench": "generate", "device": dev, "model_shape": args.model_shape, "prompts": args.n,

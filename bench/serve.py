@@ -191,9 +191,8 @@ def main() -> None:
                 print(f"{name}: {seconds:.2f}s {tokens / seconds:.0f} new tok/s (warm-up {warm:.2f}s), "
                       f"{phases[name]['decode_steps']} decode steps", flush=True)
     same = sum(a == b for a, b in zip(phases["concurrent"].pop("texts"), phases["sequential"].pop("texts")))
-    # one forward for every row, whatever its adapter; chat template adds a space token
-    bound = decode_bound(loaded, [len(p) + 1 for p in prompts], args.new_tokens, bandwidth, gemm) \
-        if dev == "cuda" else None
+    # one forward for every row, whatever its adapter (the chat template adds no token)
+    bound = decode_bound(loaded, [len(p) for p in prompts], args.new_tokens, bandwidth, gemm) if dev == "cuda" else None
     conc = phases["concurrent"]
     figures = {
         "bench": "serve", "device": dev, "model_shape": args.model_shape, "requests": args.requests,

@@ -135,7 +135,8 @@ def main() -> None:
         bound = generation_seconds(loaded, [len(c) for c in convs], args.new_tokens, args.batch_size, bandwidth, gemm)
         compute = bound["prefill_seconds"] + bound["decode_compute_seconds"]
         gen.update({"copy_bandwidth_tb_s": round(bandwidth / 1e12, 3), "gemm_tflop_s": round(gemm / 1e12, 1),
-                    "bound_seconds": round(bound["seconds"], 2), "fraction_of_bound": round(bound["seconds"] / t_gen, 3),
+                    "bound_seconds": round(bound["seconds"], 2),
+                    "fraction_of_bound": round(bound["seconds"] / t_gen, 3),
                     "compute_bound_seconds": round(compute, 2), "fraction_of_compute_bound": round(compute / t_gen, 3),
                     "decode_compute_seconds": round(bound["decode_compute_seconds"], 2),
                     "decode_memory_seconds": round(bound["decode_memory_seconds"], 2)})

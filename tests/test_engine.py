@@ -166,10 +166,13 @@ def test_a_captured_decode_step_is_replayed_by_the_next_call_of_its_shape():
     from persona_ops.inference.engine import STATS
 
     loaded = LoadedModel(tiny_model("llama", num_layers=3, hidden=64, seed=0).cuda(), None, "tiny-llama")
-    steer = [Intervention("add", 2, torch.randn(64) * 0.02, coef=torch.tensor([1.0, 0.0, 2.0, -1.0]), positions="response")]
+    def steer_with(coefs):
+        return [Intervention("add", 2, torch.randn(64) * 0.02, coef=torch.tensor(coefs), positions="response")]
+
+    steer = steer_with([1.0, 0.0, 2.0, -1.0])
     first = generate_tokens(loaded, PROMPTS, GREEDY, steer, eos_ids=[])
     captures = STATS["graph_captures"]
-    steer2 = [Intervention("add", 2, torch.randn(64) * 0.02, coef=torch.tensor([2.0, 1.0, 0.0, 1.0]), positions="response")]
+    steer2 = steer_with([2.0, 1.0, 0.0, 1.0])
     again = generate_tokens(loaded, PROMPTS, GREEDY, steer2, eos_ids=[])
     assert STATS["graph_captures"] == captures
     assert again == _without_kept_workspaces(loaded, PROMPTS, GREEDY, steer2, eos_ids=[])

@@ -8,7 +8,8 @@ engine keeps. The model is called with ``use_cache=False`` and a ready 4-D mask,
 in HF's forward depends on Python-side cache state or syncs with the host. On CUDA the decode
 step (one forward with its steering hooks) is captured as a CUDA graph once per batch shape and
 replayed, also by later calls of that shape (the cache, the step's inputs and the steering values
-live in a workspace kept with the model: the last one, up to 1/16 of the device's memory), and each layer's decode attention is one Triton kernel that writes the new key/value
+live in a workspace kept with the model: the last one, up to 1/16 of the device's memory), and
+each layer's decode attention is one Triton kernel that writes the new key/value
 and reads only the row's real columns (:mod:`persona_ops.kernels.triton_attention`); sampling runs on
 fp32 logits on the device. On CPU the same loop runs eagerly, attending only over the filled
 part of the cache.
@@ -375,8 +376,8 @@ class _Workspace:
         self.steering: list | None = None  # Steerer.pin slots
         self.step: _DecodeStep | None = None  # made at the first decode
 
-
     def nbytes(self) -> int:
+        """Bytes of its KV cache."""
         return sum(t.numel() * t.element_size() for d in (self.store.keys, self.store.values) for t in d.values())
 
 

@@ -110,7 +110,7 @@ def main() -> None:
 
     def engine(rows):
         return generate_tokens(loaded, rows, sp, min_new_tokens=args.new_tokens, eos_ids=[],
-                               batch_size=args.batch_size, compile_decode=compiled)
+                               batch_size=args.batch_size, compile_blocks=compiled)
 
     # warm-up: kernels, cuBLAS heuristics, compilation (reported, not timed)
     reference_generate(loaded, convs[:1], SamplingParams(max_new_tokens=4, temperature=0.7, top_p=0.9))

@@ -320,7 +320,7 @@ class _DecodeStep:
         # reading it. A shape already warmed in this process is captured straight away (one
         # long-lived side stream keeps its cuBLAS state). Compiled blocks are baked into the
         # graph; their Python wrappers go after.
-        with compiled_blocks(self.blocks) if self.blocks else contextlib.nullcontext():
+        with compiled_blocks(self.blocks):
             dev = self.tok.device.index or 0
             if dev not in _SIDE_STREAMS:
                 _SIDE_STREAMS[dev] = torch.cuda.Stream(device=dev)
@@ -408,7 +408,7 @@ def _release_large_workspace(model: torch.nn.Module, dev: torch.device) -> None:
 
 def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: list[int], sampling: SamplingParams,
                     steerer: Steerer | None, eos: torch.Tensor, pad: int, min_new_tokens: int,
-                    generator: torch.Generator, graph: bool, compile_decode: bool, prefill_tokens: int
+                    generator: torch.Generator, graph: bool, compile_blocks: bool, prefill_tokens: int
                     ) -> torch.Tensor:
     """New tokens ``[B, max_new]`` (pad after a row's EOS) for one batch of ascending-length prompts.
 
@@ -431,7 +431,7 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
     neg = torch.finfo(dtype).min
     max_len = _round_up(plen + new, 64)
     fused = dev.type == "cuda" and FUSED_DECODE and _fused_attention() is not None
-    key = (b, max_len, dtype, graph, graph and compile_decode, fused,
+    key = (b, max_len, dtype, graph, graph and compile_blocks, fused,
            steerer.layout() if steerer is not None else (), _model_state(model))
     ws = _workspace(model, key, lambda: _Workspace(b, max_len, dev, dtype, fused))
     store = ws.store
@@ -464,9 +464,11 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
         return model(input_ids=g_ids, position_ids=g_pos, attention_mask=bias, use_cache=False,
                      logits_to_keep=1).logits[:, -1].float()
 
+    compiled = loaded.layers if (graph and compile_blocks) else ()
     with _engine_attention(model, store):
         lengths = [len(p) for p in prompts]
-        logits = torch.cat([prefill(r0, r1) for r0, r1 in prefill_groups(lengths, prefill_tokens)])
+        with compiled_blocks(compiled):
+            logits = torch.cat([prefill(r0, r1) for r0, r1 in prefill_groups(lengths, prefill_tokens)])
         nxt = pick(logits, 0)
         if new == 1:
             return out
@@ -483,7 +485,7 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
             ws.steering = steerer.pin(ws.steering, b)
         if ws.step is None:
             ws.step = _DecodeStep(model, ws.tok, store.step_pos, ws.bias, store, graph,
-                                  blocks=loaded.layers if (graph and compile_decode) else ())
+                                  blocks=compiled)
         for step in range(1, new):
             logits = ws.step()
             nxt = pick(logits, step)
@@ -499,15 +501,16 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
 def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sampling: SamplingParams,
                     interventions: Sequence[Intervention] = (), *, min_new_tokens: int = 0,
                     eos_ids: Sequence[int] | None = None, batch_size: int = 256,
-                    cuda_graph: bool | None = None, compile_decode: bool = False,
+                    cuda_graph: bool | None = None, compile_blocks: bool = False,
                     prefill_tokens: int | None = None, progress: bool = False) -> list[list[int]]:
     """Generate continuations of token-id prompts; returns each row's new ids (EOS included if hit).
 
     ``interventions`` apply during prefill and decoding (per-row ``coef``/``tau`` tensors have
     one value per prompt). Prompts are length-sorted into batches of ``batch_size``; one
     seeded generator drives all sampling, so equal inputs give equal outputs. ``cuda_graph``
-    defaults to on for CUDA models; ``compile_decode`` also runs the decoder blocks of the
-    captured step through ``torch.compile`` (fused elementwise work; the first call compiles).
+    defaults to on for CUDA models; with it, ``compile_blocks`` runs the decoder blocks of the
+    prefill and of the captured step through ``torch.compile`` (fused elementwise work; the first
+    call of a model compiles).
     ``eos_ids`` defaults to :func:`stop_ids`; EOS is masked until ``min_new_tokens`` tokens exist.
     ``prefill_tokens`` bounds one prefill forward (padded tokens; default 8192 on CUDA, 1024 on
     CPU, where padding costs as much compute as real tokens).
@@ -537,7 +540,7 @@ def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sa
                           disable=not progress):
             chunk = order[start:start + batch_size]
             new = _generate_batch(loaded, [prompt_ids[i] for i in chunk], chunk, sampling, steerer, eos, pad,
-                                  min_new_tokens, generator, graph, compile_decode, prefill_tokens).cpu().tolist()
+                                  min_new_tokens, generator, graph, compile_blocks, prefill_tokens).cpu().tolist()
             for r, i in enumerate(chunk):
                 row = new[r]
                 cut = next((j + 1 for j, t in enumerate(row) if t in eos_set), len(row))

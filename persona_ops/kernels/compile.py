@@ -1,4 +1,4 @@
-"""``torch.compile`` of decoder blocks for the duration of a call (capture and decode)."""
+"""``torch.compile`` of decoder blocks for the duration of a call (capture; generation's prefill and decode)."""
 
 from __future__ import annotations
 

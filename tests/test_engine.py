@@ -179,6 +179,25 @@ def test_a_captured_decode_step_is_replayed_by_the_next_call_of_its_shape():
     assert again != first and STATS["graph_captures"] == captures + 1
 
 
+def test_a_failed_compile_falls_back_to_eager_blocks(monkeypatch, caplog):
+    import contextlib
+
+    from persona_ops.inference import engine
+
+    @contextlib.contextmanager
+    def failing(blocks):  # what a compiler error raises (a real one cannot be provoked at will)
+        if blocks:
+            raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("no kernel"), None)
+        yield
+
+    lm = _loaded("llama")
+    eager = generate_tokens(lm, PROMPTS, GREEDY, eos_ids=[], compile_blocks=False)
+    monkeypatch.setattr(engine, "compiled_blocks", failing)
+    with caplog.at_level("WARNING", logger="persona_ops.inference.engine"):
+        assert generate_tokens(lm, PROMPTS, GREEDY, eos_ids=[], compile_blocks=True) == eager
+    assert "compiled prefill failed" in caplog.text
+
+
 def test_eos_stops_a_row_and_min_new_tokens_holds_it_back():
     loaded = _loaded("llama", seed=1)
     free = generate_tokens(loaded, PROMPTS, GREEDY, eos_ids=[])

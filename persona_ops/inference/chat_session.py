@@ -138,7 +138,8 @@ class ChatSession:
         context = getattr(self.loaded.model.config, "max_position_embeddings", None) or 10 ** 9
         budget = token_budget(len(prompt), self.max_new_tokens, 1, context)  # InputError beyond the context
         sampling = SamplingParams(budget, self.temperature, 1.0, self.seed)
-        ids = generate_tokens(self.loaded, [prompt], sampling, self.interventions())
+        ids = generate_tokens(self.loaded, [prompt], sampling, self.interventions(),
+                              compile_blocks=False)  # a first reply without a compile's wait
         answer = tok.decode(ids[0], skip_special_tokens=True).strip()
         self.history += [self.user_message(line), {"role": "assistant", "content": answer}]
         return answer

@@ -431,7 +431,7 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
     neg = torch.finfo(dtype).min
     max_len = _round_up(plen + new, 64)
     fused = dev.type == "cuda" and FUSED_DECODE and _fused_attention() is not None
-    key = (b, max_len, dtype, graph, graph and compile_blocks, fused,
+    key = (b, max_len, dtype, graph, compile_blocks, fused,
            steerer.layout() if steerer is not None else (), _model_state(model))
     ws = _workspace(model, key, lambda: _Workspace(b, max_len, dev, dtype, fused))
     store = ws.store
@@ -464,11 +464,18 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
         return model(input_ids=g_ids, position_ids=g_pos, attention_mask=bias, use_cache=False,
                      logits_to_keep=1).logits[:, -1].float()
 
-    compiled = loaded.layers if (graph and compile_blocks) else ()
+    def prefill_all() -> torch.Tensor:
+        return torch.cat([prefill(r0, r1) for r0, r1 in prefill_groups([len(p) for p in prompts], prefill_tokens)])
+
+    compiled = loaded.layers if compile_blocks else ()
     with _engine_attention(model, store):
-        lengths = [len(p) for p in prompts]
-        with compiled_blocks(compiled):
-            logits = torch.cat([prefill(r0, r1) for r0, r1 in prefill_groups(lengths, prefill_tokens)])
+        try:
+            with compiled_blocks(compiled):
+                logits = prefill_all()
+        except torch._dynamo.exc.TorchDynamoException as e:  # an optimisation: the blocks run eagerly instead
+            log.warning("compiled prefill failed (%s: %s); running the blocks eagerly", type(e).__name__, e)
+            compiled = ()
+            logits = prefill_all()
         nxt = pick(logits, 0)
         if new == 1:
             return out
@@ -485,7 +492,7 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
             ws.steering = steerer.pin(ws.steering, b)
         if ws.step is None:
             ws.step = _DecodeStep(model, ws.tok, store.step_pos, ws.bias, store, graph,
-                                  blocks=compiled)
+                                  blocks=compiled if graph else ())
         for step in range(1, new):
             logits = ws.step()
             nxt = pick(logits, step)
@@ -501,16 +508,17 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
 def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sampling: SamplingParams,
                     interventions: Sequence[Intervention] = (), *, min_new_tokens: int = 0,
                     eos_ids: Sequence[int] | None = None, batch_size: int = 256,
-                    cuda_graph: bool | None = None, compile_blocks: bool = False,
+                    cuda_graph: bool | None = None, compile_blocks: bool | None = None,
                     prefill_tokens: int | None = None, progress: bool = False) -> list[list[int]]:
     """Generate continuations of token-id prompts; returns each row's new ids (EOS included if hit).
 
     ``interventions`` apply during prefill and decoding (per-row ``coef``/``tau`` tensors have
     one value per prompt). Prompts are length-sorted into batches of ``batch_size``; one
     seeded generator drives all sampling, so equal inputs give equal outputs. ``cuda_graph``
-    defaults to on for CUDA models; with it, ``compile_blocks`` runs the decoder blocks of the
-    prefill and of the captured step through ``torch.compile`` (fused elementwise work; the first
-    call of a model compiles).
+    defaults to on for CUDA models. ``compile_blocks`` (default: where CUDA graphs are on) runs
+    the decoder blocks of the prefill and of the captured decode step through ``torch.compile``:
+    fused elementwise work, 1.8x on an H200's steered generation (bench/RESULTS.md); the first
+    call of a model in a process compiles (~15 s). A compile that fails falls back to eager blocks.
     ``eos_ids`` defaults to :func:`stop_ids`; EOS is masked until ``min_new_tokens`` tokens exist.
     ``prefill_tokens`` bounds one prefill forward (padded tokens; default 8192 on CUDA, 1024 on
     CPU, where padding costs as much compute as real tokens).
@@ -523,6 +531,7 @@ def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sa
         raise ValueError("every prompt needs at least one token")
     dev = loaded.activate().device
     graph = (dev.type == "cuda") if cuda_graph is None else (cuda_graph and dev.type == "cuda")
+    compile_blocks = graph if compile_blocks is None else compile_blocks
     eos_list = stop_ids(loaded) if eos_ids is None else list(eos_ids)
     eos = torch.tensor(eos_list, dtype=torch.long, device=dev)
     tok = loaded.tokenizer

@@ -279,15 +279,16 @@ def capture_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], ans
                    layers: Sequence[int] | None = None, aggregates: Sequence[str] = AGGREGATES,
                    token_budget: int = 8192, max_batch: int = 1024, shard_dir: Path | str | None = None,
                    shard_tokens: int = 65536, desc: str = "activations", progress: bool = True,
-                   compile_blocks: bool = False) -> CaptureResult:
+                   compile_blocks: bool | None = None) -> CaptureResult:
     """Capture activations of ``prompt + answer`` token sequences.
 
     ``layers``: hidden-state indices (default all ``0..num_layers``); the forward stops after
     the largest. ``aggregates``: any of ``prompt_avg``, ``response_avg``, ``prompt_last`` (each
     ``[n, len(layers), H]`` fp32 on the CPU, in input order) and ``none`` (every real token's
     row written to safetensors shards under ``shard_dir``). An empty answer gives a zero
-    ``response_avg``; an empty prompt is an error. ``compile_blocks`` runs the decoder blocks
-    through ``torch.compile`` (fuses the elementwise work; worth it for large GPU runs only).
+    ``response_avg``; an empty prompt is an error. ``compile_blocks`` (default: on CUDA) runs the
+    decoder blocks through ``torch.compile``: fused elementwise work, 1.5-1.6x on an H200
+    (bench/RESULTS.md); the first call of a model in a process compiles.
     """
     if len(prompt_ids) != len(answer_ids):
         raise InputError("prompts and answers differ in length")
@@ -299,6 +300,7 @@ def capture_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], ans
     if any(len(p) == 0 for p in prompt_ids):
         raise InputError("every sample needs at least one prompt token")
     loaded.activate()
+    compile_blocks = loaded.device.type == "cuda" if compile_blocks is None else compile_blocks
     n, hidden = len(prompt_ids), loaded.hidden_size
     layer_list = _resolve_layers(layers, loaded.num_layers)
     norm = final_norm(loaded)

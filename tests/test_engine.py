@@ -179,6 +179,16 @@ def test_a_captured_decode_step_is_replayed_by_the_next_call_of_its_shape():
     assert again != first and STATS["graph_captures"] == captures + 1
 
 
+def test_compiled_prefill_equals_hf_generate(caplog):
+    from torch._dynamo.utils import counters
+
+    lm = _loaded("llama")  # the CPU compiles the prefill's blocks only (decode steps are not captured)
+    graphs = counters["stats"]["unique_graphs"]
+    with caplog.at_level("WARNING", logger="persona_ops.inference.engine"):
+        assert generate_tokens(lm, PROMPTS, GREEDY, eos_ids=[], compile_blocks=True) == _hf_generate(lm, PROMPTS, 7)
+    assert counters["stats"]["unique_graphs"] > graphs and "compiled prefill failed" not in caplog.text
+
+
 def test_a_failed_compile_falls_back_to_eager_blocks(monkeypatch, caplog):
     import contextlib
 

@@ -519,6 +519,7 @@ def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sa
     the decoder blocks of the prefill and of the captured decode step through ``torch.compile``:
     fused elementwise work, 1.8x on an H200's steered generation (bench/RESULTS.md); the first
     call of a model in a process compiles (~15 s). A compile that fails falls back to eager blocks.
+    Compiled blocks use plain linears (not the CPU's packed ones), and the CPU compiles the prefill only.
     ``eos_ids`` defaults to :func:`stop_ids`; EOS is masked until ``min_new_tokens`` tokens exist.
     ``prefill_tokens`` bounds one prefill forward (padded tokens; default 8192 on CUDA, 1024 on
     CPU, where padding costs as much compute as real tokens).
@@ -543,7 +544,8 @@ def generate_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], sa
     results: list[list[int]] = [[] for _ in prompt_ids]
     steerer = Steerer(loaded.layers, interventions, num_rows=len(prompt_ids)) if interventions else None
     eos_set = set(eos_list)
-    with (steerer if steerer is not None else contextlib.nullcontext(), packed_linears(loaded.model),
+    packed = contextlib.nullcontext() if compile_blocks else packed_linears(loaded.model)  # compile traces F.linear
+    with (steerer if steerer is not None else contextlib.nullcontext(), packed,
           fused_projections(loaded.model)):
         for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", leave=False,
                           disable=not progress):

@@ -464,18 +464,11 @@ def _generate_batch(loaded: LoadedModel, prompts: list[Sequence[int]], rows: lis
         return model(input_ids=g_ids, position_ids=g_pos, attention_mask=bias, use_cache=False,
                      logits_to_keep=1).logits[:, -1].float()
 
-    def prefill_all() -> torch.Tensor:
-        return torch.cat([prefill(r0, r1) for r0, r1 in prefill_groups([len(p) for p in prompts], prefill_tokens)])
-
     compiled = loaded.layers if compile_blocks else ()
     with _engine_attention(model, store):
-        try:
-            with compiled_blocks(compiled):
-                logits = prefill_all()
-        except torch._dynamo.exc.TorchDynamoException as e:  # an optimisation: the blocks run eagerly instead
-            log.warning("compiled prefill failed (%s: %s); running the blocks eagerly", type(e).__name__, e)
-            compiled = ()
-            logits = prefill_all()
+        lengths = [len(p) for p in prompts]
+        with compiled_blocks(compiled):
+            logits = torch.cat([prefill(r0, r1) for r0, r1 in prefill_groups(lengths, prefill_tokens)])
         nxt = pick(logits, 0)
         if new == 1:
             return out

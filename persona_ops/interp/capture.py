@@ -288,7 +288,8 @@ def capture_tokens(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], ans
     row written to safetensors shards under ``shard_dir``). An empty answer gives a zero
     ``response_avg``; an empty prompt is an error. ``compile_blocks`` (default: on CUDA) runs the
     decoder blocks through ``torch.compile``: fused elementwise work, 1.5-1.6x on an H200
-    (bench/RESULTS.md); the first call of a model in a process compiles.
+    (bench/RESULTS.md); the first call of a model in a process compiles, and a failed compile
+    falls back to eager blocks.
     """
     if len(prompt_ids) != len(answer_ids):
         raise InputError("prompts and answers differ in length")
